@@ -1,0 +1,363 @@
+"""Fusion algebra for 2-D convolutions: pure functions on (weight, bias, geometry).
+
+Every function takes and returns :class:`ConvKernel` values (or plain tensors) and never touches an
+``nn.Module``. Callers promote to float64 first (:func:`ConvKernel.double`) and cast back at the
+end, so folding error stays near fp64 round-off. A rule that would not be exact raises
+:class:`FusionRefused` with the reason instead of returning an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Pair = tuple[int, int]
+
+
+class FusionRefused(ValueError):
+    """A rewrite would not be exact; the message says why."""
+
+
+def _pair(v: int | tuple[int, ...]) -> Pair:
+    if isinstance(v, int):
+        return (v, v)
+    if len(v) == 1:
+        return (int(v[0]), int(v[0]))
+    return (int(v[0]), int(v[1]))
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a Conv2d except its tensors."""
+
+    stride: Pair = (1, 1)
+    padding: Pair = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @staticmethod
+    def of(conv: torch.nn.Conv2d) -> ConvGeometry:
+        if isinstance(conv.padding, str):
+            raise FusionRefused(f"string padding {conv.padding!r} is resolved only at run time")
+        return ConvGeometry(_pair(conv.stride), _pair(conv.padding), _pair(conv.dilation),
+                            conv.groups, conv.padding_mode)
+
+
+@dataclass
+class ConvKernel:
+    """out = conv2d(x, weight, bias, geometry). weight is (O, I/groups, kh, kw)."""
+
+    weight: Tensor
+    bias: Tensor
+    geom: ConvGeometry = ConvGeometry()
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.geom.groups
+
+    @property
+    def kernel_size(self) -> Pair:
+        return (self.weight.shape[2], self.weight.shape[3])
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1 kernel, stride 1: acts on each pixel independently (padding may be non-zero)."""
+        return self.kernel_size == (1, 1) and self.geom.stride == (1, 1)
+
+    def to(self, dtype: torch.dtype) -> ConvKernel:
+        return ConvKernel(self.weight.to(dtype), self.bias.to(dtype), self.geom)
+
+    def double(self) -> ConvKernel:
+        return self.to(torch.float64)
+
+    @staticmethod
+    def of(conv: torch.nn.Conv2d) -> ConvKernel:
+        w = conv.weight.detach()
+        b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        return ConvKernel(w, b, ConvGeometry.of(conv))
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Reference evaluation (used by tests and verification)."""
+        g = self.geom
+        if g.padding_mode != "zeros" and any(g.padding):
+            ph, pw = g.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=g.padding_mode)
+            return F.conv2d(x, self.weight, self.bias, g.stride, 0, g.dilation, g.groups)
+        return F.conv2d(x, self.weight, self.bias, g.stride, g.padding, g.dilation, g.groups)
+
+    def to_module(self, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                  bias: bool = True) -> torch.nn.Conv2d:
+        g = self.geom
+        conv = torch.nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, g.stride, g.padding,
+                               g.dilation, g.groups, bias=bias, padding_mode=g.padding_mode)
+        dtype = dtype or self.weight.dtype
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.to(dtype))
+            if bias:
+                conv.bias.copy_(self.bias.to(dtype))
+        return conv.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- BatchNorm as channel affine
+
+def bn_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as y = scale * x + shift, per channel (affine off means weight 1, bias 0)."""
+    if running_mean is None or running_var is None:
+        raise FusionRefused("BatchNorm has no running statistics (track_running_stats=False)")
+    std = torch.sqrt(running_var + eps)
+    scale = (weight if weight is not None else torch.ones_like(std)) / std
+    shift = (bias if bias is not None else torch.zeros_like(std)) - running_mean * scale
+    return scale, shift
+
+
+def bn_module_scale_shift(bn: torch.nn.modules.batchnorm._BatchNorm,
+                          dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    def t(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.detach().to(dtype)
+
+    return bn_scale_shift(t(bn.running_mean), t(bn.running_var), t(bn.weight), t(bn.bias), bn.eps)
+
+
+def conv_then_affine(k: ConvKernel, scale: Tensor, shift: Tensor) -> ConvKernel:
+    """Conv followed by a per-output-channel affine (BN, scalar scale): always exact."""
+    return ConvKernel(k.weight * scale.reshape(-1, 1, 1, 1), k.bias * scale + shift, k.geom)
+
+
+def fuse_conv_bn(k: ConvKernel, bn_scale: Tensor, bn_shift: Tensor) -> ConvKernel:
+    return conv_then_affine(k, bn_scale, bn_shift)
+
+
+def affine_then_conv(scale: Tensor, shift: Tensor, k: ConvKernel) -> ConvKernel:
+    """Per-input-channel affine (BN before a conv) folded into the conv.
+
+    Exact unless zero padding would meet a non-zero shift: the conv then sees zeros where the
+    original saw BN(0) = shift. Replicate/reflect/circular padding commute with a channel affine.
+    """
+    g = k.geom
+    if any(g.padding) and g.padding_mode == "zeros" and bool((shift != 0).any()):
+        raise FusionRefused("BN before a zero-padded conv: padded border would see 0 instead of the BN "
+                            "shift (fold it into a preceding conv instead)")
+    groups = g.groups
+    o, ig = k.weight.shape[:2]
+    s = scale.reshape(groups, 1, ig, 1, 1)
+    w = (k.weight.reshape(groups, o // groups, ig, *k.kernel_size) * s).reshape_as(k.weight)
+    # bias: sum_w W[o, i] * shift[i] over every tap
+    sh = shift.reshape(groups, 1, ig)
+    b = k.bias + (k.weight.reshape(groups, o // groups, ig, -1).sum(-1) * sh).sum(-1).reshape(o)
+    return ConvKernel(w, b, g)
+
+
+def fuse_bn_conv(bn_scale: Tensor, bn_shift: Tensor, k: ConvKernel) -> ConvKernel:
+    return affine_then_conv(bn_scale, bn_shift, k)
+
+
+# --------------------------------------------------------------------------- kernel reshaping
+
+def expand_dilation(k: ConvKernel) -> ConvKernel:
+    """A dilated kernel as an undilated one with zeros between taps (same output)."""
+    dh, dw = k.geom.dilation
+    if (dh, dw) == (1, 1):
+        return k
+    o, i, kh, kw = k.weight.shape
+    w = k.weight.new_zeros(o, i, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    w[:, :, ::dh, ::dw] = k.weight
+    return ConvKernel(w, k.bias, replace(k.geom, dilation=(1, 1)))
+
+
+def to_groups(k: ConvKernel, groups: int) -> ConvKernel:
+    """Re-express a conv with fewer groups (``groups`` must divide the current count)."""
+    g0 = k.geom.groups
+    if groups == g0:
+        return k
+    if g0 % groups:
+        raise FusionRefused(f"cannot re-express groups={g0} as groups={groups}")
+    o, ig, kh, kw = k.weight.shape
+    ratio = g0 // groups
+    w = k.weight.new_zeros(o, ig * ratio, kh, kw)
+    og = o // g0
+    for j in range(g0):
+        w[j * og:(j + 1) * og, (j % ratio) * ig:(j % ratio + 1) * ig] = k.weight[j * og:(j + 1) * og]
+    return ConvKernel(w, k.bias, replace(k.geom, groups=groups))
+
+
+def _offset(k: ConvKernel) -> tuple[float, float]:
+    """Where the kernel's footprint sits relative to the output pixel, for 'same output size' checks.
+
+    Output size is (H + 2p - d(k-1) - 1)/s + 1; two convs agree on it for every H iff
+    2p - d(k-1) agrees. That quantity is what we compare.
+    """
+    (ph, pw), (dh, dw) = k.geom.padding, k.geom.dilation
+    kh, kw = k.kernel_size
+    return (2 * ph - dh * (kh - 1), 2 * pw - dw * (kw - 1))
+
+
+def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
+    """Bring kernels that read the same input onto one geometry (common padding, size, dilation,
+    groups) by zero-padding small kernels into the largest: DBB transform VI, ACNet's 1xK/Kx1."""
+    if not kernels:
+        raise ValueError("nothing to align")
+    strides = {k.geom.stride for k in kernels}
+    modes = {k.geom.padding_mode for k in kernels}
+    if len(strides) > 1:
+        raise FusionRefused(f"branches have different strides {sorted(strides)}")
+    if len({k.in_channels for k in kernels}) > 1:
+        raise FusionRefused("branches read different channel counts")
+    if len({_offset(k) for k in kernels}) > 1:
+        raise FusionRefused("branches are not centred alike (2p - d(k-1) differs), outputs would not align")
+    if len(modes) > 1 and any(any(k.geom.padding) for k in kernels):
+        raise FusionRefused(f"branches mix padding modes {sorted(modes)}")
+    if len({k.geom.dilation for k in kernels}) > 1:
+        kernels = [expand_dilation(k) for k in kernels]
+    groups = math.gcd(*[k.geom.groups for k in kernels])
+    kernels = [to_groups(k, groups) for k in kernels]
+    ph = max(k.geom.padding[0] for k in kernels)
+    pw = max(k.geom.padding[1] for k in kernels)
+    out = []
+    for k in kernels:
+        dh, dw = k.geom.dilation
+        top, left = ph - k.geom.padding[0], pw - k.geom.padding[1]
+        kh, kw = k.kernel_size
+        # footprint is centred alike, so the same amount goes on both sides (in dilated taps)
+        if top % dh or left % dw:
+            raise FusionRefused("padding difference is not a multiple of the dilation")
+        th, tw = top // dh, left // dw
+        w = F.pad(k.weight, (tw, tw, th, th))
+        out.append(ConvKernel(w, k.bias, replace(k.geom, padding=(ph, pw))))
+    sizes = {o.kernel_size for o in out}
+    if len(sizes) > 1:  # cannot happen when offsets agree; guard against a silent mismatch
+        raise FusionRefused(f"aligned kernels still differ in size: {sorted(sizes)}")
+    mode = next(iter(modes)) if len(modes) == 1 else "zeros"
+    return [ConvKernel(o.weight, o.bias, replace(o.geom, padding_mode=mode)) for o in out]
+
+
+def pad_kernel(k: ConvKernel, kernel_size: Pair) -> ConvKernel:
+    """Centre a small kernel inside a larger one, adding the matching padding (DBB transform VI)."""
+    kh, kw = k.kernel_size
+    th, tw = kernel_size
+    if (th - kh) % 2 or (tw - kw) % 2 or th < kh or tw < kw:
+        raise FusionRefused(f"cannot centre a {kh}x{kw} kernel in {th}x{tw}")
+    dh, dw = k.geom.dilation
+    ph, pw = (th - kh) // 2, (tw - kw) // 2
+    w = F.pad(k.weight, (pw, pw, ph, ph))
+    pad = (k.geom.padding[0] + ph * dh, k.geom.padding[1] + pw * dw)
+    return ConvKernel(w, k.bias, replace(k.geom, padding=pad))
+
+
+def add(kernels: list[ConvKernel]) -> ConvKernel:
+    """Sum of parallel branches on the same input (DBB transform II)."""
+    aligned = align(kernels)
+    w = sum(k.weight for k in aligned)
+    b = sum(k.bias for k in aligned)
+    return ConvKernel(w, b, aligned[0].geom)
+
+
+def concat(kernels: list[ConvKernel]) -> ConvKernel:
+    """Channel concatenation of parallel branches (DBB transform IV)."""
+    aligned = align(kernels)
+    if aligned[0].geom.groups != 1:
+        aligned = [to_groups(k, 1) for k in aligned]
+    return ConvKernel(torch.cat([k.weight for k in aligned]), torch.cat([k.bias for k in aligned]),
+                      aligned[0].geom)
+
+
+# --------------------------------------------------------------------------- special kernels
+
+def identity(channels: int, groups: int | None = None, kernel_size: Pair = (1, 1),
+             dtype: torch.dtype = torch.float64) -> ConvKernel:
+    """The identity map as a conv (RepVGG's identity branch). Depthwise by default; ``groups`` may
+    be any divisor of ``channels`` (each group's block is an identity)."""
+    groups = groups or channels
+    ig = channels // groups
+    kh, kw = kernel_size
+    w = torch.zeros(channels, ig, kh, kw, dtype=dtype)
+    for c in range(channels):
+        w[c, c % ig, kh // 2, kw // 2] = 1.0
+    return ConvKernel(w, torch.zeros(channels, dtype=dtype),
+                      ConvGeometry(padding=(kh // 2, kw // 2), groups=groups))
+
+
+def avg_pool(channels: int, kernel_size: int | Pair, stride: int | Pair | None = None,
+             padding: int | Pair = 0, *, count_include_pad: bool = True, ceil_mode: bool = False,
+             divisor_override: int | None = None, dtype: torch.dtype = torch.float64) -> ConvKernel:
+    """AvgPool2d as a depthwise conv with 1/(kh*kw) taps (DBB transform V)."""
+    kh, kw = _pair(kernel_size)
+    if ceil_mode:
+        raise FusionRefused("avg-pool with ceil_mode=True has partial windows of varying size")
+    if any(_pair(padding)) and not count_include_pad:
+        raise FusionRefused("avg-pool with padding and count_include_pad=False divides border windows "
+                            "by fewer taps")
+    div = divisor_override or kh * kw
+    w = torch.full((channels, 1, kh, kw), 1.0 / div, dtype=dtype)
+    stride = _pair(stride if stride is not None else (kh, kw))
+    return ConvKernel(w, torch.zeros(channels, dtype=dtype),
+                      ConvGeometry(stride, _pair(padding), (1, 1), channels))
+
+
+# --------------------------------------------------------------------------- sequential composition
+
+def _matmul_grouped(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """Block-diagonal channel matrices: a (O, M/g), b (M, I/g) -> (O, I/g)."""
+    o, mg = a.shape
+    m, ig = b.shape
+    a = a.reshape(groups, o // groups, mg)
+    b = b.reshape(groups, m // groups, ig)
+    return torch.bmm(a, b).reshape(o, ig)
+
+
+def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
+    """``second(first(x))`` as one conv (DBB transform III, 1x1->KxK and KxK->1x1).
+
+    Exact cases:
+    * ``second`` is pointwise without padding: a channel mix applied after ``first``.
+    * ``first`` is pointwise (any padding): the composition is ``second``'s kernel mixed by
+      ``first``'s channel matrix; ``second``'s zero padding is exact only if ``first`` maps 0 to 0
+      (zero bias) or ``second`` has no padding.
+    Anything else (KxK after KxK with padding, strided 1x1 first) is refused.
+    """
+    if first.out_channels != second.in_channels:
+        raise FusionRefused("channel mismatch between composed convs")
+    g = math.gcd(first.geom.groups, second.geom.groups)
+    a, b = to_groups(first, g), to_groups(second, g)
+    if b.is_pointwise and b.geom.padding == (0, 0):
+        w2 = b.weight[:, :, 0, 0]  # (O, M/g)
+        o, ig = b.out_channels, a.weight.shape[1]
+        kw = _matmul_grouped(w2, a.weight.reshape(a.out_channels, -1), g)
+        w = kw.reshape(o, ig, *a.kernel_size)
+        bias = _matmul_grouped(w2, a.bias.reshape(-1, 1), g).reshape(-1) + b.bias
+        return ConvKernel(w, bias, a.geom)
+    if a.is_pointwise:
+        if a.geom.padding_mode != "zeros" and any(a.geom.padding):
+            raise FusionRefused("pointwise conv with non-zero padding mode before another conv")
+        if b.geom.padding_mode != "zeros" and any(b.geom.padding):
+            raise FusionRefused(f"{b.geom.padding_mode} padding after a channel mix")
+        if any(b.geom.padding) and bool((a.bias != 0).any()):
+            raise FusionRefused("1x1 conv with bias before a zero-padded conv: the border would see 0 "
+                                "instead of the bias (DBB pads with the BN shift for this reason)")
+        w1 = a.weight[:, :, 0, 0]  # (M, I/g)
+        o, mg = b.weight.shape[:2]
+        kh, kw = b.kernel_size
+        # W[o, i, y, x] = sum_m W2[o, m, y, x] * W1[m, i]
+        w2 = b.weight.permute(2, 3, 0, 1).reshape(kh * kw, o, mg)
+        w = torch.stack([_matmul_grouped(w2[t], w1, g) for t in range(kh * kw)])
+        w = w.reshape(kh, kw, o, -1).permute(2, 3, 0, 1).contiguous()
+        bias = b.bias + _matmul_grouped(b.weight.sum((2, 3)), a.bias.reshape(-1, 1), g).reshape(-1)
+        pad = (a.geom.padding[0] + b.geom.padding[0], a.geom.padding[1] + b.geom.padding[1])
+        return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g))
+    raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
+                        f"{second.kernel_size} conv exactly")
+
+
+def scale_and_shift_of_constant(channels: int, scale: float, shift: float,
+                                dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    return (torch.full((channels,), float(scale), dtype=dtype),
+            torch.full((channels,), float(shift), dtype=dtype))

@@ -1,0 +1,35 @@
+"""The ``repconv`` command: one group, each sub-command in its own module.
+
+The CLI layer only parses arguments and prints; the work lives in the library."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# (module, attribute) of each sub-command; a module that is missing is simply not offered.
+_COMMANDS = [
+    ("repconv.cli.fuse_cmd", "fuse_command"),
+    ("repconv.cli.fuse_cmd", "inspect_command"),
+    ("repconv.cli.export_cmd", "export_command"),
+    ("repconv.cli.profile_cmd", "profile_command"),
+    ("repconv.cli.demo_cmd", "demo_command"),
+    ("repconv.cli.build_cmd", "build_native_command"),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="repconv")
+def main() -> None:
+    """Fuse, verify, export and profile re-parameterizable PyTorch models."""
+
+
+for _mod, _attr in _COMMANDS:
+    try:
+        main.add_command(getattr(importlib.import_module(_mod), _attr))
+    except (ImportError, AttributeError):  # sub-command not built yet in this checkout
+        pass
+
+if __name__ == "__main__":
+    main()
