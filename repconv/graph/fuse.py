@@ -1,0 +1,439 @@
+"""``repconv.fuse``: trace, find linear regions, rewrite them, verify."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from repconv.algebra import ConvKernel
+from repconv.io import ModelLoadError, infer_input_shape
+from repconv.verify import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    Inputs,
+    VerificationError,
+    VerifyReport,
+    as_tuple,
+    compare_outputs,
+    verify,
+)
+
+from .regions import Analysis, Refusal, Region, analyze, region_outputs
+from .tracing import fold_constants, module_path, trace
+
+
+class FuseInputError(ValueError):
+    """The model or its inputs cannot be fused (NaN weights, wrong input shape, ...)."""
+
+
+@dataclass
+class FuseReport:
+    regions: list[Region] = field(default_factory=list)
+    left: list[Refusal] = field(default_factory=list)
+    untraced: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verification: VerifyReport | None = None
+    params_before: int = 0
+    params_after: int = 0
+    input_shapes: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "regions": [{"block": r.block, "kind": region_kind(r), "branches": r.branches, "ops": r.ops,
+                         "result": region_result(r), "params_before": r.params_before,
+                         "params_after": r.params_after} for r in self.regions],
+            "left": [{"where": x.where, "reason": x.reason} for x in self.left],
+            "untraced": self.untraced, "notes": self.notes,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "input_shapes": self.input_shapes,
+            "verification": self.verification.to_dict() if self.verification else None,
+        }
+
+
+def fuse(model: nn.Module, example_inputs: Inputs | None = None, *, verify: bool = True,
+         rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> nn.Module:
+    """Return a NEW eval-mode module with every exactly-fusable linear region collapsed into one
+    conv / linear. ``model`` is left untouched. Raises :class:`repconv.VerificationError` if the
+    result does not match (``verify=True``)."""
+    return fuse_with_report(model, example_inputs, verify=verify, rtol=rtol, atol=atol)[0]
+
+
+def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, verify: bool = True,
+                     rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                     samples: Sequence[Inputs] = (), seed: int = 0) -> tuple[nn.Module, FuseReport]:
+    """:func:`fuse` plus a :class:`FuseReport` of what was fused, what was left and why."""
+    if not isinstance(model, nn.Module):
+        raise FuseInputError(f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise FuseInputError("TorchScript modules cannot be re-traced; fuse the Python model before scripting it")
+    _check_finite(model)
+    report = FuseReport()
+    inputs = _example_inputs(model, example_inputs, seed)
+    report.input_shapes = [list(t.shape) for t in inputs]
+    if model.training:
+        report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
+    work = copy.deepcopy(model).eval()
+    with _eval_mode(model), torch.no_grad():
+        _check_runs(model, inputs)
+        fused = _fuse_module(work, inputs, report, prefix="")
+    fused.eval()
+    report.params_before = sum(p.numel() for p in model.parameters())
+    report.params_after = sum(p.numel() for p in fused.parameters())
+    if verify:
+        gen = torch.Generator().manual_seed(seed + 1)
+        checks = [inputs] + [tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+                                   if t.is_floating_point() else t for t in inputs) for _ in range(2)]
+        checks += [as_tuple(s) for s in samples]
+        with _eval_mode(model):
+            result = verify_fn(model, fused, checks, rtol=rtol, atol=atol)
+            if not result.ok:
+                result.first_divergence = _first_divergence(model, fused, inputs, rtol, atol)
+        report.verification = result
+        if not result.ok:
+            raise VerificationError(result)
+    return fused, report
+
+
+verify_fn = verify
+
+
+# --------------------------------------------------------------------------- the pass
+
+def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
+    try:
+        gm = trace(work)
+    except Exception as e:  # data-dependent Python: fall back to the largest traceable children
+        report.untraced.append(f"{prefix or type(work).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return _fuse_children(work, inputs, report, prefix)
+    try:
+        ShapeProp(gm).propagate(*inputs)
+    except Exception as e:
+        report.untraced.append(f"{prefix or type(work).__name__}: shape propagation failed: {str(e)[:120]}")
+        return _fuse_children(work, inputs, report, prefix)
+    return rewrite(gm, report, prefix)
+
+
+def _fuse_children(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
+    captured: dict[str, tuple[torch.Tensor, ...]] = {}
+    hooks = []
+    for name, child in work.named_children():
+        def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+            if name not in captured and all(isinstance(a, torch.Tensor) for a in args):
+                captured[name] = tuple(a.detach() for a in args)
+        hooks.append(child.register_forward_pre_hook(hook))
+    try:
+        work(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, child in list(work.named_children()):
+        if name not in captured or not any(True for _ in child.modules()):
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        setattr(work, name, _fuse_module(child, captured[name], report, path))
+    return work
+
+
+def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.GraphModule:
+    """Replace every multi-op linear region of ``gm`` (shapes propagated) with one module."""
+    consts = fold_constants(gm)
+    an = analyze(gm, consts)
+    modules = dict(gm.named_modules())
+    removable_setitems: set[fx.Node] = set()
+    taken: set[str] = set(modules)
+    renames: list[tuple[fx.Node, str]] = []
+    for node in region_outputs(an):
+        v = an.values[node]
+        if v.sources <= {node}:  # a single op: nothing to gain
+            _report_left(an, node, report, prefix)
+            continue
+        region = Region(node, v)
+        region.ops = [_op_name(n, modules) for n in _ordered(gm, v.sources)]
+        region.block = _join(prefix, _block_of(v.sources, modules))
+        region.params_before = _params_of(v.sources, modules, consts)
+        dtype, device = _dtype_device(node, v.sources, modules, consts)
+        if isinstance(v.kernel, ConvKernel):
+            new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
+        else:
+            new_mod = v.kernel.to_module(dtype=dtype, device=device)
+        region.params_after = sum(p.numel() for p in new_mod.parameters())
+        region.target = _unique(_block_of(v.sources, modules), taken)
+        gm.add_submodule(region.target, new_mod)
+        for fix in v.root_fixes:
+            fix(gm)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(region.target, (v.root,))
+        new.meta = dict(node.meta)
+        renames.append((new, node.name))
+        node.replace_all_uses_with(new)
+        removable_setitems |= {n for n in v.extra if n.op == "call_function" and n.target is operator.setitem}
+        report.regions.append(region)
+    for node, reason in an.refusals.items():
+        report.left.append(Refusal(_join(prefix, module_path(node)), reason))
+    _dce(gm, removable_setitems)
+    for new, name in renames:  # keep the replaced node's name: divergence reports line up with the original
+        with contextlib.suppress(Exception):
+            new._rename(name)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _report_left(an: Analysis, node: fx.Node, report: FuseReport, prefix: str) -> None:
+    reason = an.blocked.get(node)
+    if reason and node.op in ("call_module", "call_function"):
+        report.left.append(Refusal(_join(prefix, module_path(node)), reason))
+
+
+def _dce(gm: fx.GraphModule, removable_setitems: set[fx.Node]) -> None:
+    """Dead-code elimination that also drops slice assignments into otherwise dead tensors."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.users and all(u in removable_setitems and u.args[0] is node for u in node.users):
+                for u in list(node.users):
+                    gm.graph.erase_node(u)
+                changed = True
+            if node.users:
+                continue
+            if node.op == "call_function" and node.target is operator.setitem:
+                continue
+            if node.op == "call_module" and getattr(gm.get_submodule(node.target), "_is_impure", False):
+                continue
+            gm.graph.erase_node(node)
+            changed = True
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+def _ordered(gm: fx.GraphModule, nodes: frozenset[fx.Node]) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n in nodes]
+
+
+def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _block_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module]) -> str:
+    paths = []
+    for n in sources:
+        p = module_path(n) if n.op != "call_module" else str(n.target).rpartition(".")[0]
+        if n.op != "call_module" and p == n.name:
+            p = ""
+        paths.append(p.split(".") if p else [])
+    common: list[str] = []
+    for parts in zip(*paths, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def _unique(block: str, taken: set[str]) -> str:
+    base = f"{block}.reparam" if block else "reparam"
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def _join(prefix: str, path: str) -> str:
+    return ".".join(p for p in (prefix, path) if p)
+
+
+def _params_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module], consts: dict[fx.Node, Any]) -> int:
+    seen: dict[int, int] = {}
+    for n in sources:
+        if n.op == "call_module":
+            for p in modules[n.target].parameters():
+                seen[id(p)] = p.numel()
+        stack = [a for a in _inputs(n) if a in consts]
+        while stack:
+            a = stack.pop()
+            if a.op == "get_attr" and isinstance(consts[a], torch.Tensor):
+                obj = consts[a]
+                seen[id(a.target)] = obj.numel() if a.target.split(".")[-1] in _param_names(modules, a.target) else 0
+            stack.extend(x for x in _inputs(a) if x in consts)
+    return sum(seen.values())
+
+
+def _param_names(modules: dict[str, nn.Module], target: str) -> set[str]:
+    owner, _, attr = target.rpartition(".")
+    mod = modules.get(owner)
+    return {attr} if mod is not None and attr in dict(mod.named_parameters(recurse=False)) else set()
+
+
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) or a)
+    return out
+
+
+def _dtype_device(node: fx.Node, sources: frozenset[fx.Node], modules: dict[str, nn.Module],
+                  consts: dict[fx.Node, Any]) -> tuple[torch.dtype, torch.device]:
+    meta = node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", torch.float32)
+    for n in sources:
+        if n.op == "call_module":
+            for p in modules[n.target].parameters():
+                return dtype, p.device
+    return dtype, torch.device("cpu")
+
+
+def region_kind(r: Region) -> str:
+    """Short human label: conv+bn, bn+conv, linear+bn, or 'N branches'."""
+    core = [_short(op) for op in r.ops]
+    core = [c for c in core if c]
+    if r.branches > 1:
+        return f"{r.branches} branches"
+    compact: list[str] = []
+    for c in core:
+        if not compact or compact[-1] != c:
+            compact.append(c)
+    return "+".join(compact) or "affine"
+
+
+def region_result(r: Region) -> str:
+    k = r.value.kernel
+    if isinstance(k, ConvKernel):
+        kh, kw = k.kernel_size
+        g = f", groups {k.geom.groups}" if k.geom.groups > 1 else ""
+        return f"{kh}x{kw} conv{g}"
+    return "linear"
+
+
+def _short(op: str) -> str:
+    low = op.lower()
+    for key, label in (("batchnorm", "bn"), ("batch_norm", "bn"), ("conv", "conv"), ("linear", "linear"),
+                       ("layernorm", "ln"), ("avg_pool", "avgpool"), ("avgpool", "avgpool"), ("pad", "pad"),
+                       ("cat", "concat")):
+        if key in low:
+            return label
+    return ""
+
+
+# --------------------------------------------------------------------------- checks and inputs
+
+def _check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FuseInputError(f"{name} contains NaN or Inf: refusing to fuse a broken model")
+
+
+def _example_inputs(model: nn.Module, example_inputs: Inputs | None, seed: int) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        try:
+            return as_tuple(example_inputs)
+        except TypeError as e:
+            raise FuseInputError(str(e)) from None
+    try:
+        shape = infer_input_shape(model)
+    except ModelLoadError as e:
+        raise FuseInputError(str(e)) from None
+    p = next(model.parameters(), None)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
+    return (x,)
+
+
+def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    try:
+        model(*inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        try:
+            expected = f"; its first layer expects {_expected_dims(model)}"
+        except ModelLoadError:
+            expected = ""
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FuseInputError(f"model does not accept input {shapes}{expected} ({first})") from None
+
+
+def _expected_dims(model: nn.Module) -> str:
+    shape = infer_input_shape(model)
+    if len(shape) == 4:
+        return f"(N, C={shape[1]}, H, W)"
+    if len(shape) == 3:
+        return f"(N, C={shape[1]}, L)"
+    return f"(N, {shape[1]} features)"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and restore every submodule's train flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.outputs[n.name] = out.detach().clone()
+        return out
+
+
+@torch.no_grad()
+def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Tensor, ...], rtol: float,
+                      atol: float) -> str | None:
+    """Name the first layer (in the original's program order) whose output differs."""
+    if not isinstance(fused, fx.GraphModule):
+        for name, child in model.named_children():
+            sub = getattr(fused, name, None)
+            if sub is None:
+                continue
+            captured: list[tuple] = []
+            h = child.register_forward_pre_hook(lambda _m, a: captured.append(a) if not captured else None)
+            try:
+                model(*inputs)
+            finally:
+                h.remove()
+            if captured and not verify(child, sub, captured[0], rtol=rtol, atol=atol).ok:
+                inner = _first_divergence(child, sub, captured[0], rtol, atol)
+                return f"{name}.{inner}" if inner else name
+        return None
+    try:
+        orig = trace(copy.deepcopy(model).eval())
+    except Exception:
+        return None
+    a, b = _Recorder(orig), _Recorder(fused)
+    a.run(*inputs)
+    b.run(*inputs)
+    for node in orig.graph.nodes:
+        ra, rb = a.outputs.get(node.name), b.outputs.get(node.name)
+        if ra is None or rb is None or ra.shape != rb.shape:
+            continue
+        stats = compare_outputs(ra, rb)[0]
+        if not stats.finite or stats.max_abs > atol + rtol * stats.ref_max:
+            return module_path(node)
+    return None

@@ -1,0 +1,137 @@
+"""Numerical equivalence of two models.
+
+Tolerance: a fused fp32 conv sums the same products in a different order (and with weights
+rounded once from fp64), so its error is a few fp32 ulps of the output scale per layer: ~1e-7
+relative for one layer, growing to ~1e-6 over a deep net. The default ``rtol=1e-5`` (relative to
+the largest reference magnitude) leaves an order of magnitude of headroom over that, while any
+real mistake (a wrong padding, a missed BN, a transposed kernel) gives errors of 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+DEFAULT_RTOL = 1e-5
+DEFAULT_ATOL = 1e-6
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+@dataclass
+class OutputStats:
+    index: int
+    shape: list[int]
+    max_abs: float
+    max_rel: float  # max |err| / max |reference|
+    cosine: float
+    ref_max: float
+    finite: bool
+
+
+@dataclass
+class VerifyReport:
+    outputs: list[OutputStats]
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    samples: int = 1
+    first_divergence: str | None = None  # module / layer whose output diverges first
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.outputs) and all(
+            o.finite and o.max_abs <= self.atol + self.rtol * o.ref_max for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=float("nan"))
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=float("nan"))
+
+    @property
+    def cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=float("nan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "rtol": self.rtol, "atol": self.atol, "samples": self.samples,
+                "max_abs": self.max_abs, "max_rel": self.max_rel, "cosine": self.cosine,
+                "first_divergence": self.first_divergence, "outputs": [asdict(o) for o in self.outputs]}
+
+    def summary(self) -> str:
+        where = f"; first diverging layer: {self.first_divergence}" if self.first_divergence else ""
+        return (f"max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g}, cosine {self.cosine:.9f} "
+                f"(tolerance atol {self.atol:g} + rtol {self.rtol:g}·max|ref|){where}")
+
+
+class VerificationError(RuntimeError):
+    """The fused model does not match the original; ``.report`` has the figures."""
+
+    def __init__(self, report: VerifyReport):
+        self.report = report
+        super().__init__(f"fused model does not match the original: {report.summary()}")
+
+
+def as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, list | tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(inputs)
+    raise TypeError("example inputs must be a tensor or a tuple of tensors")
+
+
+def compare_outputs(ref: Any, out: Any) -> list[OutputStats]:
+    ref_leaves, _ = tree_flatten(ref)
+    out_leaves, _ = tree_flatten(out)
+    ref_t = [t for t in ref_leaves if isinstance(t, torch.Tensor)]
+    out_t = [t for t in out_leaves if isinstance(t, torch.Tensor)]
+    if len(ref_t) != len(out_t):
+        raise ValueError(f"models return {len(ref_t)} vs {len(out_t)} tensors")
+    stats = []
+    for i, (r, o) in enumerate(zip(ref_t, out_t, strict=True)):
+        if r.shape != o.shape:
+            raise ValueError(f"output {i}: shape {tuple(o.shape)} differs from reference {tuple(r.shape)}")
+        r64, o64 = r.detach().double().cpu(), o.detach().double().cpu()
+        finite = bool(torch.isfinite(o64).all()) and bool(torch.isfinite(r64).all())
+        err = (r64 - o64).abs()
+        max_abs = float(err.max()) if err.numel() else 0.0
+        ref_max = float(r64.abs().max()) if r64.numel() else 0.0
+        denom = float(r64.norm() * o64.norm())
+        cosine = float((r64.flatten() @ o64.flatten()) / denom) if denom > 0 else 1.0
+        stats.append(OutputStats(i, list(r.shape), max_abs, max_abs / ref_max if ref_max > 0 else max_abs,
+                                 cosine, ref_max, finite))
+    return stats
+
+
+def _merge(a: list[OutputStats], b: list[OutputStats]) -> list[OutputStats]:
+    if not a:
+        return b
+    return [OutputStats(x.index, x.shape, max(x.max_abs, y.max_abs), max(x.max_rel, y.max_rel),
+                        min(x.cosine, y.cosine), max(x.ref_max, y.ref_max), x.finite and y.finite)
+            for x, y in zip(a, b, strict=True)]
+
+
+@torch.no_grad()
+def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Inputs | Sequence[Inputs], *,
+           rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> VerifyReport:
+    """Run both models on the inputs (a tensor, a tuple of tensors, or a list of such samples) and
+    report max absolute / relative error and cosine similarity per output."""
+    samples = _samples(example_inputs)
+    stats: list[OutputStats] = []
+    for sample in samples:
+        stats = _merge(stats, compare_outputs(reference(*sample), candidate(*sample)))
+    return VerifyReport(stats, rtol, atol, len(samples))
+
+
+def _samples(example_inputs: Any) -> list[tuple[torch.Tensor, ...]]:
+    if isinstance(example_inputs, list) and example_inputs and not all(
+            isinstance(t, torch.Tensor) for t in example_inputs):
+        return [as_tuple(s) for s in example_inputs]
+    return [as_tuple(example_inputs)]
