@@ -413,7 +413,7 @@ def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Te
             if sub is None:
                 continue
             captured: list[tuple] = []
-            h = child.register_forward_pre_hook(lambda _m, a: captured.append(a) if not captured else None)
+            h = child.register_forward_pre_hook(lambda _m, a, c=captured: c.append(a) if not c else None)
             try:
                 model(*inputs)
             finally:
