@@ -82,7 +82,7 @@ class ConvKernel:
     @staticmethod
     def of(conv: torch.nn.Conv2d) -> ConvKernel:
         w = conv.weight.detach()
-        b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         return ConvKernel(w, b, ConvGeometry.of(conv))
 
     def apply(self, x: Tensor) -> Tensor:
@@ -341,8 +341,8 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
         if b.geom.padding_mode != "zeros" and any(b.geom.padding):
             raise FusionRefused(f"{b.geom.padding_mode} padding after a channel mix")
         if any(b.geom.padding) and bool((a.bias != 0).any()):
-            raise FusionRefused("1x1 conv with bias before a zero-padded conv: the border would see 0 "
-                                "instead of the bias (DBB pads with the BN shift for this reason)")
+            raise FusionRefused("a per-pixel map with a bias (e.g. BN) before a zero-padded conv: the padded "
+                                "border would see 0 instead of the bias (fold it into a preceding conv instead)")
         w1 = a.weight[:, :, 0, 0]  # (M, I/g)
         o, mg = b.weight.shape[:2]
         kh, kw = b.kernel_size

@@ -38,6 +38,9 @@ class Affine:
     extra: frozenset[fx.Node] = frozenset()
     # applied to the graph when this value's region is materialized (LayerNorm affine stripping)
     root_fixes: tuple = field(default_factory=tuple)
+    # consumers whose composition made the kernel bigger than its parts; if the whole region ends
+    # up costing more than the original ops, the pass cuts the region at these points
+    expensive: frozenset[fx.Node] = frozenset()
     adds: int = 0  # add / cat nodes absorbed (for branch counting)
     add_operands: int = 0
 
@@ -110,10 +113,9 @@ def through_conv(node: fx.Node, v: Affine, k: ConvKernel) -> Affine:
         return v.extend(node, k)
     first = v.conv()
     fused = A.compose(first, k)
-    # composing must not cost more than running both (a channel-reducing 1x1 before a KxK would)
     sh, sw = k.geom.stride
-    if _macs(fused) > _macs(first) * sh * sw + _macs(k):
-        raise FusionRefused("composing these convs would increase the multiply-adds")
+    if _macs(fused) > _macs(first) * sh * sw + _macs(k):  # e.g. a channel-reducing 1x1 before a KxK
+        return v.extend(node, fused, expensive=v.expensive | {node})
     return v.extend(node, fused)
 
 
@@ -155,9 +157,10 @@ def through_linear(node: fx.Node, v: Affine, k: LinearKernel) -> Affine:
     if v.is_identity:
         return v.extend(node, k)
     first = v.linear()
-    if k.weight.shape[0] * first.weight.shape[1] > _macs(first) + _macs(k):
-        raise FusionRefused("composing these linear layers would increase the multiply-adds")
-    return v.extend(node, A.compose_linear(first, k))
+    fused = A.compose_linear(first, k)
+    if _macs(fused) > _macs(first) + _macs(k):
+        return v.extend(node, fused, expensive=v.expensive | {node})
+    return v.extend(node, fused)
 
 
 def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affine:
@@ -201,7 +204,8 @@ def _merged(node: fx.Node, values: list[Affine], kernel: ConvKernel | LinearKern
     sources = frozenset().union(*(v.sources for v in values)) | {node}
     extra = frozenset().union(*(v.extra for v in values))
     fixes = tuple(f for v in values for f in v.root_fixes)
-    return replace(first, kernel=kernel, sources=sources, extra=extra, root_fixes=fixes,
+    expensive = frozenset().union(*(v.expensive for v in values))
+    return replace(first, kernel=kernel, sources=sources, extra=extra, root_fixes=fixes, expensive=expensive,
                    adds=sum(v.adds for v in values) + 1,
                    add_operands=sum(v.add_operands for v in values) + len(values))
 

@@ -174,6 +174,8 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
             new = gm.graph.call_module(region.target, (v.root,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
+        for fill in [u for u in node.users if u in v.extra and u.target is operator.setitem]:
+            gm.graph.erase_node(fill)  # border fills already folded into the new conv's padding
         node.replace_all_uses_with(new)
         removable_setitems |= {n for n in v.extra if n.op == "call_function" and n.target is operator.setitem}
         report.regions.append(region)

@@ -439,6 +439,11 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
             direct = [u for u in node.users if u not in absorbers and u not in v.extra]
             if len(absorbers) > 1 or (absorbers and direct):
                 new.add(node)
+        for node in region_outputs(an):
+            v = an.values[node]
+            if v.expensive and region_macs(an, node) > original_macs(an, v.sources):
+                # cut before each composition that grew the kernel: its input becomes a root
+                new |= {c.args[0] for c in v.expensive if isinstance(c.args[0], fx.Node)}
         if new == forced:
             return an
         forced = new
@@ -454,3 +459,47 @@ def region_outputs(an: Analysis) -> list[fx.Node]:
         if any(u not in absorbers and u not in v.extra for u in node.users):
             outs.append(node)
     return outs
+
+
+def _spatial(node: fx.Node) -> int:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None:
+        return 1
+    n = 1
+    for d in list(shape)[2:] if len(shape) == 4 else list(shape)[:-1]:
+        n *= int(d)
+    return n
+
+
+def region_macs(an: Analysis, node: fx.Node) -> int:
+    """Multiply-adds of the single module that would replace the region ending at ``node``."""
+    k = an.values[node].kernel
+    return int(k.weight.numel()) * _spatial(node) if k is not None else 0
+
+
+def original_macs(an: Analysis, sources: frozenset[fx.Node]) -> int:
+    """Multiply-adds of the original ops (convs, linears, pools; elementwise ops count 1 per element)."""
+    total = 0
+    for n in sources:
+        shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+        numel = 1
+        for d in shape or ():
+            numel *= int(d)
+        batch = int(shape[0]) if shape is not None and len(shape) else 1
+        per_item = numel // max(batch, 1)
+        if n.op == "call_module":
+            m = an.modules[n.target]
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                total += m.weight.numel() * _spatial(n)
+                continue
+            if isinstance(m, nn.AvgPool2d):
+                kh, kw = A.conv._pair(m.kernel_size)
+                total += per_item * kh * kw
+                continue
+        if n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear):
+            w = an.consts.get(n.args[1]) if isinstance(n.args[1], fx.Node) else None
+            if isinstance(w, torch.Tensor):
+                total += w.numel() * _spatial(n)
+                continue
+        total += per_item
+    return total
