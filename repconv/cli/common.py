@@ -15,7 +15,7 @@ from rich.console import Console
 from repconv.io import ModelLoadError, infer_input_shape, load_model, parse_shape
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -14,7 +14,6 @@ _COMMANDS = [
     ("repconv.cli.fuse_cmd", "inspect_command"),
     ("repconv.cli.export_cmd", "export_command"),
     ("repconv.cli.profile_cmd", "profile_command"),
-    ("repconv.cli.demo_cmd", "demo_command"),
     ("repconv.cli.build_cmd", "build_native_command"),
 ]
 
@@ -28,8 +27,9 @@ def main() -> None:
 for _mod, _attr in _COMMANDS:
     try:
         main.add_command(getattr(importlib.import_module(_mod), _attr))
-    except (ImportError, AttributeError):  # sub-command not built yet in this checkout
-        pass
+    except ModuleNotFoundError as _e:  # an optional sub-command module that is not there
+        if _e.name != _mod:
+            raise
 
 if __name__ == "__main__":
     main()

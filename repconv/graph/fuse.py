@@ -182,9 +182,8 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     for node, reason in an.refusals.items():
         report.left.append(Refusal(_join(prefix, module_path(node)), reason))
     _dce(gm, removable_setitems)
-    for new, name in renames:  # keep the replaced node's name: divergence reports line up with the original
-        with contextlib.suppress(Exception):
-            new._rename(name)
+    # remember which original node each new one replaces, so divergence reports line up
+    gm.meta.setdefault("repconv_replaced", {}).update({new.name: name for new, name in renames})
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -431,8 +430,10 @@ def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Te
     a, b = _Recorder(orig), _Recorder(fused)
     a.run(*inputs)
     b.run(*inputs)
+    replaced = fused.meta.get("repconv_replaced", {})
+    fused_out = {replaced.get(k, k): t for k, t in b.outputs.items()}
     for node in orig.graph.nodes:
-        ra, rb = a.outputs.get(node.name), b.outputs.get(node.name)
+        ra, rb = a.outputs.get(node.name), fused_out.get(node.name)
         if ra is None or rb is None or ra.shape != rb.shape:
             continue
         stats = compare_outputs(ra, rb)[0]

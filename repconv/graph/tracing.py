@@ -31,6 +31,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raises whatever fx raises for untraceable code."""
     tracer = RepTracer()
     graph = tracer.trace(model)
+    for node in graph.nodes:
+        # string annotations (``from __future__ import annotations``) break GraphModule pickling
+        if isinstance(node.type, str):
+            node.type = None
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
