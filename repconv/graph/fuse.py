@@ -153,7 +153,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     renames: list[tuple[fx.Node, str]] = []
     for node in region_outputs(an):
         v = an.values[node]
-        if v.sources <= {node}:  # a single op: nothing to gain
+        if v.root is node or (v.sources <= {node} and not v.root_fixes):  # a single op: nothing to gain
             _report_left(an, node, report, prefix)
             continue
         region = Region(node, v)
