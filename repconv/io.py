@@ -27,7 +27,8 @@ class ModelLoadError(ValueError):
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' (or 1x3x224x224) -> (1, 3, 224, 224)."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    sep = "," if "," in text or "x" not in text else "x"
+    parts = [p.strip() for p in text.split(sep)]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
@@ -86,11 +87,12 @@ def _torch_load(path: Path, *, weights_only: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         msg = str(e)
-        if weights_only and ("Weights only load failed" in msg or "weights_only" in msg):
+        if weights_only and "Unsupported global" in msg:
             raise ModelLoadError(
                 f"{path} holds a pickled Python object; loading it runs code from the file. "
                 "If you trust it, pass --allow-pickle (Python: allow_pickle=True)") from None
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        detail = [ln.strip() for ln in msg.splitlines() if "error" in ln.lower() or "unsupported" in ln.lower()]
+        first = (detail or msg.strip().splitlines() or [type(e).__name__])[-1]
         raise ModelLoadError(f"{path} is not a readable PyTorch file: {first[:200]}") from None
 
 
