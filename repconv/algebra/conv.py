@@ -97,14 +97,16 @@ class ConvKernel:
     def to_module(self, dtype: torch.dtype | None = None, device: torch.device | None = None,
                   bias: bool = True) -> torch.nn.Conv2d:
         g = self.geom
-        conv = torch.nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, g.stride, g.padding,
-                               g.dilation, g.groups, bias=bias, padding_mode=g.padding_mode)
         dtype = dtype or self.weight.dtype
+        # built directly in the target dtype: a default (fp32) module would round fp64 weights
+        conv = torch.nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, g.stride, g.padding,
+                               g.dilation, g.groups, bias=bias, padding_mode=g.padding_mode, dtype=dtype,
+                               device=device)
         with torch.no_grad():
             conv.weight.copy_(self.weight.to(dtype))
             if bias:
                 conv.bias.copy_(self.bias.to(dtype))
-        return conv.to(device=device, dtype=dtype)
+        return conv
 
 
 # --------------------------------------------------------------------------- BatchNorm as channel affine
@@ -201,6 +203,24 @@ def _offset(k: ConvKernel) -> tuple[float, float]:
     return (2 * ph - dh * (kh - 1), 2 * pw - dw * (kw - 1))
 
 
+def _adopt_dilation(kernels: list[ConvKernel]) -> list[ConvKernel]:
+    """A size-1 kernel axis reads a single tap, so its dilation is arbitrary: give it the dilation the
+    larger kernels share, so a dilated KxK plus a 1x1 (dilated RepVGG) stays a dilated KxK instead
+    of being expanded to a dense (d(K-1)+1)^2 kernel."""
+    shared = []
+    for axis in (0, 1):
+        ds = {k.geom.dilation[axis] for k in kernels if k.kernel_size[axis] > 1}
+        shared.append(ds.pop() if len(ds) == 1 else None)
+    if shared == [None, None]:
+        return kernels
+    out = []
+    for k in kernels:
+        dil = tuple(shared[a] if shared[a] is not None and k.kernel_size[a] == 1 else k.geom.dilation[a]
+                    for a in (0, 1))
+        out.append(ConvKernel(k.weight, k.bias, replace(k.geom, dilation=dil)))
+    return out
+
+
 def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
     """Bring kernels that read the same input onto one geometry (common padding, size, dilation,
     groups) by zero-padding small kernels into the largest: DBB transform VI, ACNet's 1xK/Kx1."""
@@ -216,6 +236,7 @@ def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
         raise FusionRefused("branches are not centred alike (2p - d(k-1) differs), outputs would not align")
     if len(modes) > 1 and any(any(k.geom.padding) for k in kernels):
         raise FusionRefused(f"branches mix padding modes {sorted(modes)}")
+    kernels = _adopt_dilation(kernels)
     if len({k.geom.dilation for k in kernels}) > 1:
         kernels = [expand_dilation(k) for k in kernels]
     groups = math.gcd(*[k.geom.groups for k in kernels])

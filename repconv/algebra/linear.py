@@ -21,7 +21,8 @@ class LinearKernel:
     @staticmethod
     def of(linear: torch.nn.Linear) -> LinearKernel:
         w = linear.weight.detach()
-        b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype,
+                                                                              device=w.device)
         return LinearKernel(w, b)
 
     def to(self, dtype: torch.dtype) -> LinearKernel:
@@ -31,12 +32,13 @@ class LinearKernel:
         return self.to(torch.float64)
 
     def to_module(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.nn.Linear:
-        lin = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0])
         dtype = dtype or self.weight.dtype
+        # built directly in the target dtype: a default (fp32) module would round fp64 weights
+        lin = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0], dtype=dtype, device=device)
         with torch.no_grad():
             lin.weight.copy_(self.weight.to(dtype))
             lin.bias.copy_(self.bias.to(dtype))
-        return lin.to(device=device, dtype=dtype)
+        return lin
 
 
 def linear_then_affine(k: LinearKernel, scale: Tensor, shift: Tensor) -> LinearKernel:
@@ -60,7 +62,7 @@ def conv_to_fc(k: ConvKernel, in_shape: tuple[int, int, int]) -> LinearKernel:
     c, h, w = in_shape
     if k.in_channels != c:
         raise ValueError(f"conv expects {k.in_channels} channels, input shape has {c}")
-    eye = torch.eye(c * h * w, dtype=k.weight.dtype).reshape(c * h * w, c, h, w)
+    eye = torch.eye(c * h * w, dtype=k.weight.dtype, device=k.weight.device).reshape(c * h * w, c, h, w)
     no_bias = ConvKernel(k.weight, torch.zeros_like(k.bias), k.geom)
     cols = no_bias.apply(eye)  # (CHW, O, Ho, Wo)
     o, ho, wo = cols.shape[1:]

@@ -1,0 +1,28 @@
+"""ONNX export: :func:`export_onnx` and the ``ai.repconv::Involution`` op (function + translation).
+
+Submodules load lazily so ``import repconv.export.involution_onnx`` stays free of torch's exporter.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "export_onnx": "repconv.export.onnx",
+    "export_onnx_with_report": "repconv.export.onnx",
+    "ExportReport": "repconv.export.onnx",
+    "ExportError": "repconv.export.onnx",
+    "ExportCheckError": "repconv.export.onnx",
+    "UnsupportedOperatorError": "repconv.export.onnx",
+    "rewrite_involutions": "repconv.export.patterns",
+    "InvolutionMatch": "repconv.export.patterns",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'repconv.export' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Helpers shared by the dynamic-operator tests and benchmarks (not part of the stable API)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["export_dynamic_onnx", "max_rel_err", "ort_session", "randomize_bn"]
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running stats and affine, so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
+
+
+def max_rel_err(ref: Tensor | np.ndarray, got: Tensor | np.ndarray) -> float:
+    """max |ref - got| / max |ref| (the repconv.verify convention)."""
+    r = torch.as_tensor(ref, dtype=torch.float64)
+    o = torch.as_tensor(got, dtype=torch.float64)
+    if r.shape != o.shape:
+        raise AssertionError(f"shape mismatch: reference {tuple(r.shape)} vs candidate {tuple(o.shape)}")
+    return float((r - o).abs().max() / r.abs().max().clamp_min(1e-30))
+
+
+def export_dynamic_onnx(module: nn.Module, example: Tensor, path: Path | None = None, *, dynamic_batch: bool = True,
+                        use_repconv: bool = True) -> bytes:
+    """ONNX bytes of ``module`` (opset 17, batch axis dynamic by default).
+
+    Through ``repconv.export_onnx`` (fuse, custom involution op, simplify, ORT check) when present
+    and ``use_repconv``; otherwise plain ``torch.onnx.export(..., dynamo=False)``.
+    """
+    module = module.eval()
+    if use_repconv:
+        try:
+            from repconv.export.onnx import export_onnx
+        except ImportError:
+            export_onnx = None
+        if export_onnx is not None:
+            if path is None:
+                raise ValueError("export_dynamic_onnx: repconv.export_onnx needs a path")
+            export_onnx(module, path, example, dynamic_batch=dynamic_batch)
+            return Path(path).read_bytes()
+    buf = io.BytesIO()
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["output"], dynamic_axes=axes)
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def ort_session(model: bytes | str | Path, threads: int = 0):  # noqa: ANN201 - onnxruntime type
+    """A plain CPU ``onnxruntime.InferenceSession`` (``threads=0``: ORT's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
