@@ -185,10 +185,12 @@ def to_groups(k: ConvKernel, groups: int) -> ConvKernel:
         raise FusionRefused(f"cannot re-express groups={g0} as groups={groups}")
     o, ig, kh, kw = k.weight.shape
     ratio = g0 // groups
-    w = k.weight.new_zeros(o, ig * ratio, kh, kw)
     og = o // g0
-    for j in range(g0):
-        w[j * og:(j + 1) * og, (j % ratio) * ig:(j % ratio + 1) * ig] = k.weight[j * og:(j + 1) * og]
+    # output channel oc belongs to old group oc // og, which sits at slot (oc // og) % ratio of its new group
+    rows = torch.arange(o)[:, None]
+    cols = ((torch.arange(o) // og) % ratio * ig)[:, None] + torch.arange(ig)[None, :]
+    w = k.weight.new_zeros(o, ig * ratio, kh, kw)
+    w[rows, cols] = k.weight
     return ConvKernel(w, k.bias, replace(k.geom, groups=groups))
 
 
@@ -301,8 +303,8 @@ def identity(channels: int, groups: int | None = None, kernel_size: Pair = (1, 1
     ig = channels // groups
     kh, kw = kernel_size
     w = torch.zeros(channels, ig, kh, kw, dtype=dtype)
-    for c in range(channels):
-        w[c, c % ig, kh // 2, kw // 2] = 1.0
+    c = torch.arange(channels)
+    w[c, c % ig, kh // 2, kw // 2] = 1.0
     return ConvKernel(w, torch.zeros(channels, dtype=dtype),
                       ConvGeometry(padding=(kh // 2, kw // 2), groups=groups))
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from repconv.algebra import ConvKernel
@@ -81,10 +82,11 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     report.input_shapes = [list(t.shape) for t in inputs]
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
-    work = copy.deepcopy(model).eval()
     with _eval_mode(model), torch.no_grad():
         _check_runs(model, inputs)
-        fused = _fuse_module(work, inputs, report, prefix="")
+        # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
+        # from the user's model while copying only what survived fusion
+        fused = copy.deepcopy(_fuse_module(model, inputs, report, prefix=""))
     fused.eval()
     report.params_before = sum(p.numel() for p in model.parameters())
     report.params_after = sum(p.numel() for p in fused.parameters())
@@ -115,14 +117,26 @@ def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: Fuse
         report.untraced.append(f"{prefix or type(work).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         return _fuse_children(work, inputs, report, prefix)
     try:
-        ShapeProp(gm).propagate(*inputs)
+        propagate_shapes(gm, inputs)
     except Exception as e:
         report.untraced.append(f"{prefix or type(work).__name__}: shape propagation failed: {str(e)[:120]}")
         return _fuse_children(work, inputs, report, prefix)
     return rewrite(gm, report, prefix)
 
 
-def _fuse_children(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Shapes and dtypes of every node: with fake tensors (no arithmetic, so cost grows with graph
+    size, not FLOPs) and with real ones when an op has no fake kernel."""
+    try:
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    except Exception:
+        ShapeProp(gm).propagate(*inputs)
+
+
+def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
+    # a shell sharing the children, so replacing them leaves the user's module alone
+    work = copy.copy(module)
+    work._modules = dict(module._modules)
     captured: dict[str, tuple[torch.Tensor, ...]] = {}
     hooks = []
     for name, child in work.named_children():
@@ -359,6 +373,13 @@ def _example_inputs(model: nn.Module, example_inputs: Inputs | None, seed: int) 
 
 
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The model must accept the inputs; tried with fake tensors first (no arithmetic)."""
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            model(*(mode.from_tensor(t) for t in inputs))
+        return
+    except Exception:  # an op without a fake kernel, or a real shape error: the real run tells
+        pass
     try:
         model(*inputs)
     except Exception as e:
