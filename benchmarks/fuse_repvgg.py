@@ -119,7 +119,8 @@ def fold_fp32(model: RepVGG) -> nn.Module:
     """The textbook RepVGG conversion, all in fp32 (what official converters do)."""
     out = copy.deepcopy(model)
     for block in [m for m in out.modules() if isinstance(m, RepVGGBlock)]:
-        def fold(conv: nn.Conv2d | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        def fold(conv: nn.Conv2d | None, bn: nn.BatchNorm2d,
+                 block: RepVGGBlock = block) -> tuple[torch.Tensor, torch.Tensor]:
             std = (bn.running_var + bn.eps).sqrt()
             t = (bn.weight / std).reshape(-1, 1, 1, 1)
             if conv is None:  # identity as a 3x3 kernel
