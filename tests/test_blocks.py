@@ -206,7 +206,7 @@ def test_deploy_constructor_argument():
     b = RepVGGBlock(8, 8, deploy=True)
     assert b.deployed and b.conv_kxk is None and isinstance(b.reparam_conv, nn.Conv2d)
     d = DiverseBranchBlock(8, 8, 3, deploy=True)
-    assert list(dict(d.named_children())) == ["reparam_conv", "act"]
+    assert set(dict(d.named_children())) == {"reparam_conv", "act"}
 
 
 def test_invalid_configurations():
@@ -374,7 +374,7 @@ def test_third_party_cases_run_and_trace(case):
         else:
             gm = fx.symbolic_trace(model)
         assert torch.equal(gm(x), ref)
-    assert _conv_sites(model) > expected or name == "shared_conv"
+    assert _conv_sites(model) >= expected
 
 
 def _load_renamed(dst: nn.Module, src: nn.Module, rename: list[tuple[str, str]]) -> None:
@@ -454,9 +454,6 @@ def test_third_party_equals_repconv_block(name):
                 if type(mod).__name__ == "IdentityBasedConv1x1":
                     mod.weight.copy_(mod.get_actual_kernel())
         rename = [("dbb_1x1_kxk.idconv1.", "branch_1x1_kxk.conv1."), *rename]
-    if name == "timm_repvgg_block":
-        # timm's BatchNormAct2d carries the same tensors as BatchNorm2d
-        pass
     _load_renamed(ours, src, rename)
     x = torch.randn(shape)
     with torch.no_grad():

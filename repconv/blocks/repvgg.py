@@ -12,9 +12,9 @@ class RepVGGBlock(RepBlock):
     """3x3 conv-BN + 1x1 conv-BN + identity-BN, summed, then ReLU; deploys as one 3x3 conv + ReLU.
 
     The identity branch exists only when ``in_channels == out_channels``, ``stride == 1`` (the
-    paper's rule) and the padding is the centred one: otherwise its output would not match in shape. ``groups`` applies to both
-    conv branches (RepVGG-B*g2/g4 use grouped layers). The 1x1 branch is padded with
-    ``padding - k//2`` so that it stays centred when a larger padding is requested.
+    paper's rule) and the padding is the centred one: otherwise its output would not match in shape.
+    ``groups`` applies to both conv branches (RepVGG-B*g2/g4 use grouped layers). The 1x1 branch is
+    padded with ``padding - k//2`` so that it stays centred when a larger padding is requested.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Pair = 3, stride: int | Pair = 1,

@@ -167,7 +167,8 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     renames: list[tuple[fx.Node, str]] = []
     for node in region_outputs(an):
         v = an.values[node]
-        if v.root is node or (v.sources <= {node} and not v.root_fixes):  # a single op: nothing to gain
+        computed_weight = node.op == "call_function" and node in v.sources  # F.conv2d(x, f(params)): bake it
+        if v.root is node or (v.sources <= {node} and not v.root_fixes and not computed_weight):
             _report_left(an, node, report, prefix)
             continue
         region = Region(node, v)
