@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from repconv.algebra import ConvKernel
@@ -83,7 +83,6 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
     with _eval_mode(model), torch.no_grad():
-        _check_runs(model, inputs)
         # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
         # from the user's model while copying only what survived fusion
         fused = copy.deepcopy(_fuse_module(model, inputs, report, prefix=""))
@@ -117,20 +116,13 @@ def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: Fuse
         report.untraced.append(f"{prefix or type(work).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         return _fuse_children(work, inputs, report, prefix)
     try:
-        propagate_shapes(gm, inputs)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks itself
+            ShapeProp(gm).propagate(*inputs)  # one real forward: also proves the inputs fit
     except Exception as e:
+        _check_runs(work, inputs)  # a user error (wrong shape) is reported as such
         report.untraced.append(f"{prefix or type(work).__name__}: shape propagation failed: {str(e)[:120]}")
         return _fuse_children(work, inputs, report, prefix)
     return rewrite(gm, report, prefix)
-
-
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Shapes and dtypes of every node: with fake tensors (no arithmetic, so cost grows with graph
-    size, not FLOPs) and with real ones when an op has no fake kernel."""
-    try:
-        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-    except Exception:
-        ShapeProp(gm).propagate(*inputs)
 
 
 def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
@@ -145,7 +137,7 @@ def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: 
                 captured[name] = tuple(a.detach() for a in args)
         hooks.append(child.register_forward_pre_hook(hook))
     try:
-        work(*inputs)
+        _check_runs(work, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -374,13 +366,7 @@ def _example_inputs(model: nn.Module, example_inputs: Inputs | None, seed: int) 
 
 
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """The model must accept the inputs; tried with fake tensors first (no arithmetic)."""
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            model(*(mode.from_tensor(t) for t in inputs))
-        return
-    except Exception:  # an op without a fake kernel, or a real shape error: the real run tells
-        pass
+    """Run the model once; a failure is the user's input not fitting it."""
     try:
         model(*inputs)
     except Exception as e:
