@@ -86,7 +86,7 @@ def test_export_prints_report_and_writes_file(tmp_path, user_models):
     res = _invoke("user_models_export:net", "--onnx", str(out), "--input-shape", "1,3,16,16")
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    for needle in ("exported", "fused: 1 region", "recognised involution", "nodes:", "after onnxsim",
+    for needle in ("exported", "fused: 2 region", "recognised involution", "nodes:", "after onnxsim",
                    "1 x ai.repconv::Involution", "max abs err", "native kernel"):
         assert needle in text, needle
     m = onnx.load(str(out))

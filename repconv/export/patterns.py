@@ -102,6 +102,12 @@ def _pair(v: Any) -> tuple[int, int] | None:
     return None
 
 
+def _is_unfold(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target is F.unfold
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Unfold)
+
+
 def _unfold_params(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int, int, int, int] | None:
     """(input, K, dilation, padding, stride) of an unfold node with square parameters, else None."""
     if node.op == "call_module":
@@ -165,6 +171,20 @@ def _reshape_source(node: fx.Node) -> fx.Node:
     return node
 
 
+def _depends_on_input(node: fx.Node) -> bool:
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        cur = todo.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder":
+            return True
+        fx.node.map_arg((cur.args, cur.kwargs), lambda a: todo.append(a) or a)
+    return False
+
+
 @dataclass
 class _Found:
     x: fx.Node
@@ -214,6 +234,10 @@ def _match_at(gm: fx.GraphModule, unfold: fx.Node) -> _Found | None:
             if found is None:
                 continue
             groups, out = found
+            if not _depends_on_input(b):
+                # A fixed kernel (a parameter) is a locally-connected layer, not involution; with
+                # N == 1 it would also pass the shape test and then break a dynamic batch.
+                continue
             match = InvolutionMatch(_where(gm, unfold), k, s, d, groups, c)
             return _Found(x=x, kernel_src=_reshape_source(b), output=out, match=match)
     return None
@@ -324,6 +348,10 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _clone(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def _rewrite_one(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[nn.Module, list[InvolutionMatch]] | None:
@@ -332,11 +360,13 @@ def _rewrite_one(
         gm = _trace(module)
     except Exception:
         return None
+    if not any(_is_unfold(gm, n) for n in gm.graph.nodes):
+        return module, []  # nothing to look for: skip the shape-propagation forward pass
     if kwargs:  # ShapeProp feeds placeholders positionally; keyword calls are rare for blocks
         return None
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
-            ShapeProp(gm).propagate(*args)
+            ShapeProp(gm).propagate(*_clone(args))
     except Exception:
         return None
     found = find_involutions(gm)
@@ -345,7 +375,7 @@ def _rewrite_one(
     _replace(gm, found)
     with torch.no_grad():
         try:
-            ok = _outputs_close(module(*args), gm(*args))
+            ok = _outputs_close(module(*_clone(args)), gm(*_clone(args)))
         except Exception:
             ok = False
     if not ok:
@@ -382,7 +412,8 @@ def _rewrite_submodules(model: nn.Module, args: tuple[Any, ...]) -> tuple[nn.Mod
     handles = []
 
     def hook(mod: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        calls.setdefault(names.get(id(mod), ""), []).append((a, kw))
+        # Copies: later in-place ops (ReLU(inplace=True)) must not change what the block saw.
+        calls.setdefault(names.get(id(mod), ""), []).append((_clone(a), kw))
 
     for m in model.modules():
         if m is not model:
