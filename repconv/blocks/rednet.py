@@ -62,7 +62,9 @@ class Bottleneck(nn.Module):
         self.downsample: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out:
             # strided 1x1 conv: floor((H-1)/s)+1 = ceil(H/s), the main path's size for odd H too
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))

@@ -9,17 +9,24 @@ Contract (docs/architecture.md, docs/involution_op.md)::
     out[n,c,y,x] = sum_k kernel[n,g,k,y,x] * xpad[n,c, y*stride + ky*dilation, x*stride + kx*dilation].
 
 The paper's formulation materialises ``unfold(x)``, a K*K times larger buffer (49x for K=7). The
-implementation here never does: it loops over the K*K taps and accumulates ``strided slice of the
-padded input x kernel plane`` into the output, which reads each input element K*K times from cache
-instead of writing and re-reading a huge buffer. On CUDA a Triton kernel is used when Triton is
-importable (``_triton_forward`` below); otherwise the same tap loop runs on any device.
+implementations here never do:
 
-The op is registered with :func:`torch.library.custom_op` so it is a single ``call_function`` node
+* CPU float32 with the native library built (``python -m repconv.runtime.build``): the C++ kernel
+  ONNX Runtime also uses (register-blocked, vectorised, multi-threaded), called through ctypes;
+* otherwise (any device, any float dtype, library missing or ``REPCONV_TORCH_NATIVE=0``): a pure
+  torch tap loop that accumulates ``contiguous window of the padded input x kernel plane`` into
+  the output (see :func:`_forward_flat`);
+* CUDA with Triton importable: a Triton kernel (``_triton_forward`` below).
+
+The op is registered with :mod:`torch.library` so it is a single ``call_function`` node
 under torch.fx / torch.export / torch.compile (fake kernel registered) and differentiable w.r.t.
 both ``x`` and ``kernel`` (autograd formula registered; the backward is also a tap loop).
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
@@ -95,24 +102,92 @@ def _tap_slices(k: int, kernel_size: int, stride: int, dilation: int, ho: int, w
     return slice(y0, y0 + (ho - 1) * stride + 1, stride), slice(x0, x0 + (wo - 1) * stride + 1, stride)
 
 
-def _forward_taps(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int) -> Tensor:
+def _forward_flat(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int) -> Tensor:
+    """Tap loop over flattened, stride-phase-decomposed planes (pure torch, any device).
+
+    The padded input is split into stride x stride phase images of width Wq = Wo + (K-1)*d//s, and
+    the output is computed on an (Ho, Wq) grid: then every tap is a *contiguous* 1-D window of one
+    phase image at a constant offset, so each of the K*K ``addcmul_`` calls streams long contiguous
+    rows (the 2-D strided windows of a naive tap loop vectorise poorly). The Wq - Wo extra columns
+    per row are cropped at the end.
+    """
     n, c, h, w = x.shape
     ho, wo = kernel.shape[-2:]
+    cg, kk = c // groups, kernel_size * kernel_size
     pad = dilation * (kernel_size - 1) // 2
-    xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    xp = xp.view(n, groups, c // groups, xp.shape[-2], xp.shape[-1])
-    # (N, G, KK, 1, Ho, Wo): each tap plane broadcasts over the channels of its group.
-    kv = kernel.reshape(n, groups, kernel_size * kernel_size, 1, ho, wo)
+    reach = (kernel_size - 1) * dilation // stride  # largest tap shift inside a phase image
+    hq, wq = ho + reach + 1, wo + reach  # one spare row: the last tap's window runs past row ho
+    # Right/bottom padding may be negative (crops columns no tap reads).
+    xp = F.pad(x, (pad, stride * wq - w - pad, pad, stride * hq - h - pad))
+    if stride == 1:
+        phases = xp.reshape(n, groups, cg, 1, hq * wq)
+    else:
+        phases = (
+            xp.reshape(n, groups, cg, hq, stride, wq, stride)
+            .permute(0, 1, 2, 4, 6, 3, 5)
+            .reshape(n, groups, cg, stride * stride, hq * wq)
+        )
+    kflat = F.pad(kernel, (0, wq - wo)).reshape(n, groups, kk, 1, ho * wq)
+    length = ho * wq
     out = None
-    for k in range(kernel_size * kernel_size):
-        sy, sx = _tap_slices(k, kernel_size, stride, dilation, ho, wo)
-        term = xp[:, :, :, sy, sx]
+    for k in range(kk):
+        ky, kx = divmod(k, kernel_size)
+        oy, ox = ky * dilation, kx * dilation
+        phase = (oy % stride) * stride + ox % stride
+        start = (oy // stride) * wq + ox // stride
+        window = phases[:, :, :, phase, start : start + length]
         if out is None:
-            out = term * kv[:, :, k]  # first tap initialises: saves a zero fill + one pass
+            out = window * kflat[:, :, k]  # first tap initialises: saves a zero fill and one pass
         else:
-            out.addcmul_(term, kv[:, :, k])
+            out.addcmul_(window, kflat[:, :, k])
     assert out is not None
-    return out.reshape(n, c, ho, wo)
+    # crop the spare columns; contiguous() so the result's strides match the fake kernel's
+    return out.reshape(n, groups, cg, ho, wq)[..., :wo].reshape(n, c, ho, wo).contiguous()
+
+
+# The native library (repconv/runtime/csrc) also exports a plain C entry point; when it is built,
+# CPU float32 forwards use it (the same kernel ONNX Runtime runs). Resolved once per process.
+_NATIVE_UNSET = object()
+_native_fn: object = _NATIVE_UNSET
+
+
+def _native_kernel():  # noqa: ANN202 - returns a ctypes function or None
+    global _native_fn
+    if _native_fn is _NATIVE_UNSET:
+        _native_fn = None
+        if os.environ.get("REPCONV_TORCH_NATIVE", "1").strip() not in ("0", ""):
+            try:
+                from repconv.runtime import native_library
+
+                path = native_library()
+                if path is not None:
+                    fn = ctypes.CDLL(str(path)).repconv_involution_f32
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int]
+                    _native_fn = fn
+            except (OSError, AttributeError):  # unloadable or an old build without the symbol
+                _native_fn = None
+    return _native_fn
+
+
+def _forward_native(
+    x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int
+) -> Tensor | None:
+    fn = _native_kernel()
+    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+        return None
+    x = x.contiguous()
+    kernel = kernel.contiguous()
+    n, c, h, w = x.shape
+    out = x.new_empty((n, c, kernel.shape[2], kernel.shape[3]))
+    dims = (ctypes.c_int64 * 4)(n, c, h, w)
+    attrs = (ctypes.c_int64 * 4)(kernel_size, stride, dilation, groups)
+    # The C side starts std::threads per call (~tens of us each): only as many as the work pays for
+    # (~2M multiply-adds per thread), so small late-stage feature maps stay single-threaded.
+    work = out.numel() * kernel_size * kernel_size
+    threads = max(1, min(torch.get_num_threads(), work // 2_000_000))
+    rc = fn(x.data_ptr(), kernel.data_ptr(), out.data_ptr(), dims, attrs, threads)
+    return out if rc == 0 else None  # any failure: fall back to the torch implementation
 
 
 def _backward_taps(
@@ -145,19 +220,89 @@ def _backward_taps(
 
 
 def _forward_impl(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int) -> Tensor:
-    if x.device.type == "cuda" and _triton_forward is not None:
+    if x.device.type == "cpu":
+        out = _forward_native(x, kernel, kernel_size, stride, dilation, groups)
+        if out is not None:
+            return out
+    elif x.device.type == "cuda" and _triton_forward is not None and x.dtype != torch.float64:
+        # (Triton accumulates in float32; float64 keeps full precision on the torch path)
         return _triton_forward(x, kernel, kernel_size, stride, dilation, groups)
-    return _forward_taps(x, kernel, kernel_size, stride, dilation, groups)
+    return _forward_flat(x, kernel, kernel_size, stride, dilation, groups)
 
 
-_triton_forward = None  # replaced below when Triton is importable
+# ---------------------------------------------------------------------------------------------
+# CUDA: Triton kernel (only built when Triton imports; CPU-only installs never touch it)
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_triton_forward():  # noqa: ANN202 - returns a callable or None
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # not installed, or broken (no CUDA toolchain): the torch path serves CUDA
+        return None
+
+    @triton.jit
+    def _kernel(x_ptr, w_ptr, y_ptr, C, H, W, HO, WO, CG,
+                K: tl.constexpr, S: tl.constexpr, D: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+                BLOCK: tl.constexpr):
+        # One program: BLOCK output pixels of one (n, c) plane; all K*K taps unrolled.
+        nc = tl.program_id(0).to(tl.int64)
+        n = nc // C
+        c = nc % C
+        g = c // CG
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < HO * WO
+        oy = offs // WO
+        ox = offs % WO
+        x_base = x_ptr + nc * H * W
+        w_base = w_ptr + (n * G + g) * (K * K) * HO * WO
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for ky in tl.static_range(K):
+            iy = oy * S + ky * D - P
+            row_ok = valid & (iy >= 0) & (iy < H)
+            for kx in tl.static_range(K):
+                ix = ox * S + kx * D - P
+                m = row_ok & (ix >= 0) & (ix < W)
+                xv = tl.load(x_base + iy * W + ix, mask=m, other=0.0).to(tl.float32)
+                kv = tl.load(w_base + (ky * K + kx) * HO * WO + offs, mask=m, other=0.0).to(tl.float32)
+                acc += xv * kv
+        tl.store(y_ptr + nc * HO * WO + offs, acc.to(y_ptr.dtype.element_ty), mask=valid)
+
+    def forward(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int) -> Tensor:
+        x = x.contiguous()
+        kernel = kernel.contiguous()
+        n, c, h, w = x.shape
+        ho, wo = kernel.shape[-2:]
+        y = x.new_empty((n, c, ho, wo))
+        if y.numel() == 0:
+            return y
+        block = 256
+        grid = (n * c, triton.cdiv(ho * wo, block))
+        _kernel[grid](
+            x, kernel, y, c, h, w, ho, wo, c // groups,
+            K=kernel_size, S=stride, D=dilation, P=dilation * (kernel_size - 1) // 2, G=groups, BLOCK=block,
+        )
+        return y
+
+    return forward
+
+
+_triton_forward = _make_triton_forward() if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") else None
 
 # ---------------------------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("repconv::involution", mutates_args=())
+# Defined with the low-level torch.library API rather than ``torch.library.custom_op``: custom_op's
+# backend wrapper imports torch._dynamo on the first call (seconds), which every CLI run would pay.
+_LIB = torch.library.Library("repconv", "FRAGMENT")
+_LIB.define(
+    "involution(Tensor x, Tensor kernel, int kernel_size, int stride, int dilation, int groups) -> Tensor"
+)
+
+
 def _involution_op(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int) -> Tensor:
     """Involution aggregation (see module docstring for the exact semantics)."""
     check_involution_args(x.shape, kernel.shape, kernel_size, stride, dilation, groups)
@@ -165,7 +310,10 @@ def _involution_op(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dil
     return _forward_impl(x, kernel, kernel_size, stride, dilation, groups)
 
 
-@_involution_op.register_fake
+_LIB.impl("involution", _involution_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("repconv::involution", lib=_LIB)
 def _involution_fake(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, dilation: int, groups: int) -> Tensor:
     # Shapes may be symbolic here: only static attributes are validated eagerly; shape relations are
     # recorded as guards/asserts with torch._check so export keeps them.
@@ -203,7 +351,7 @@ def _backward(ctx, grad_out: Tensor):  # noqa: ANN001, ANN202 - torch.library ca
     return gx, gk, None, None, None, None
 
 
-_involution_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("repconv::involution", _backward, setup_context=_setup_context, lib=_LIB)
 
 
 # ---------------------------------------------------------------------------------------------

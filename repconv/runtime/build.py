@@ -61,14 +61,34 @@ class BuildError(RuntimeError):
     """The native library could not be built; the message says what to do."""
 
 
+def _source_checkout() -> Path | None:
+    root = PACKAGE_DIR.parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repconv"
+
+
 def build_dir() -> Path:
-    return Path(os.environ.get("REPCONV_NATIVE_BUILD_DIR") or PACKAGE_DIR / "_build")
+    """``$REPCONV_NATIVE_BUILD_DIR``, else ``repconv/runtime/_build`` (a user cache dir when the
+    installed package is read-only)."""
+    env = os.environ.get("REPCONV_NATIVE_BUILD_DIR")
+    if env:
+        return Path(env)
+    if _source_checkout() is not None or os.access(PACKAGE_DIR, os.W_OK):
+        return PACKAGE_DIR / "_build"
+    return _user_cache() / "native"
 
 
 def deps_dir() -> Path:
-    """Where fetched headers go: ``$REPCONV_DEPS_DIR`` or ``.deps/`` next to the package folder."""
+    """Where fetched headers go: ``$REPCONV_DEPS_DIR``, else ``.deps/`` at the repository root of a
+    source checkout, else a user cache dir."""
     env = os.environ.get("REPCONV_DEPS_DIR")
-    return Path(env) if env else PACKAGE_DIR.parent.parent / ".deps"
+    if env:
+        return Path(env)
+    root = _source_checkout()
+    return root / ".deps" if root is not None else _user_cache() / "deps"
 
 
 def library_path() -> Path:
@@ -76,11 +96,13 @@ def library_path() -> Path:
 
 
 def _compile_flags() -> list[str]:
-    flags = ["-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-psabi"]
+    flags = ["-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden"]
+    flags += ["-Wall", "-Wextra", "-Wno-psabi"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=x86-64-v2")  # portable baseline; faster variants are dispatched at runtime
     if sys.platform == "darwin":
-        flags += ["-Wl,-exported_symbol,_RegisterCustomOps", "-DREPCONV_NO_MULTIVERSION"]
+        flags += ["-Wl,-exported_symbol,_RegisterCustomOps", "-Wl,-exported_symbol,_repconv_involution_f32",
+                  "-DREPCONV_NO_MULTIVERSION"]
     else:
         flags.append(f"-Wl,--version-script={EXPORTS_MAP}")  # export RegisterCustomOps only
     return flags
@@ -174,7 +196,8 @@ def fetch_ort_headers(dest: Path | None = None, *, verbose: bool = False) -> Pat
     debs_dir = apt / "debs"
     for old in debs_dir.glob("*.deb"):
         old.unlink()
-    _run(["apt-get", *opts, "download", DEV_PACKAGE], verbose=verbose, cwd=debs_dir, what=f"apt-get download {DEV_PACKAGE}")
+    _run(["apt-get", *opts, "download", DEV_PACKAGE], verbose=verbose, cwd=debs_dir,
+         what=f"apt-get download {DEV_PACKAGE}")
     debs = sorted(debs_dir.glob(f"{DEV_PACKAGE}_*.deb"))
     if not debs:
         raise BuildError(f"apt-get download produced no {DEV_PACKAGE} package")
@@ -222,6 +245,7 @@ def build(*, force: bool = False, fetch: bool = True, cxx: str | None = None, ve
     try:
         cmd = [compiler, *_compile_flags(), f"-I{include}", *map(str, SOURCES), "-o", str(tmp)]
         _run(cmd, verbose=verbose, what="compiling the native library")
+        os.chmod(tmp, 0o755)  # mkstemp created it 0600
         os.replace(tmp, out)  # atomic: a concurrent reader sees the old or the new library, never half
     finally:
         tmp.unlink(missing_ok=True)

@@ -12,11 +12,14 @@
 //    exception on the other side), never an abort.
 //  * Parallelism uses ORT's intra-op thread pool (KernelContext_ParallelFor), so the session's
 //    intra_op_num_threads is honoured; no OpenMP.
-//  * Work item = (n, g, output row). For each channel of the group the K input rows the row needs
-//    are copied once into a zero-padded scratch, de-interleaved by stride phase (so strided taps are
-//    contiguous too); then blocks of 8 channels x one vector of outputs accumulate all K*K taps in
-//    registers. No unfold buffer, no bounds checks in the hot loop. The hot loop is compiled for
+//  * Work item = (n, g, band of up to 8 output rows). Per block of 8 channels, the input rows the
+//    band needs are copied once into a zero-padded scratch, de-interleaved by stride phase (so
+//    strided taps are contiguous too); then for every output row, 8 channels x one vector of
+//    outputs accumulate all K*K taps in registers, each kernel vector loaded once for the 8
+//    channels. No unfold buffer, no bounds checks in the hot loop. The hot loop is compiled for
 //    x86-64-v4 (AVX-512), -v3 (AVX2/FMA) and the portable baseline; the CPU picks at load time.
+//  * The same kernel is exported as a plain C function (repconv_involution_f32) that repconv's
+//    PyTorch op calls through ctypes for CPU float32 tensors.
 
 #include <onnxruntime_c_api.h>
 
@@ -28,6 +31,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -69,6 +73,7 @@ OrtStatus* ValidateAttrs(const Attrs& a) {
 }
 
 inline int64_t OutExtent(int64_t in, const Attrs& a) {
+  if (in <= 0) return 0;  // (C++ division truncates toward zero: keep empty inputs empty)
   return (in + 2 * a.padding - a.dilation * (a.k - 1) - 1) / a.stride + 1;
 }
 
@@ -272,14 +277,19 @@ void BandTask(const Problem& P, size_t task) {
           xr[taps] = srow + xoff[kx];
         }
       }
+      // The K*K kernel planes are Ho*Wo floats apart: too many streams for the hardware
+      // prefetcher, so fetch the next row's kernel lines while this row computes.
+      if (oy + 1 < P.ho) {
+        const char* next = reinterpret_cast<const char*>(wrow0 + Wo);
+        const int64_t bytes = Wo * static_cast<int64_t>(sizeof(float));
+        const int64_t plane_bytes = plane * static_cast<int64_t>(sizeof(float));
+        for (int64_t t = 0; t < P.kk; ++t)
+          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + t * plane_bytes + off, 0, 3);
+      }
       float* yrows[kMaxChanBlock];
       for (int j = 0; j < cb; ++j) yrows[j] = P.y + ((n * P.c + c0 + ci + j) * P.ho + oy) * Wo;
       const RowArgs r{yrows, kr, xr, taps, cstride, Wo};
-#ifndef SKIP_ACC
       g_rows(r, cb);
-#else
-      (void)r;
-#endif
     }
   }
 }
@@ -292,6 +302,27 @@ void RunTask(void* data, size_t task) {
   } catch (...) {  // only bad_alloc is possible; never let it unwind into ORT's thread pool
     P->failed.store(true);
   }
+}
+
+// Fill the problem description; returns the number of work items.
+size_t SetUp(Problem* P, const float* x, const float* w, float* y, int64_t n, int64_t c, int64_t h, int64_t wd,
+             const Attrs& a) {
+  P->x = x;
+  P->w = w;
+  P->y = y;
+  P->n = n; P->c = c; P->h = h; P->wd = wd;
+  P->ho = OutExtent(h, a);
+  P->wo = OutExtent(wd, a);
+  P->a = a;
+  P->cg = c / a.groups;
+  P->kk = a.k * a.k;
+  P->phase_len = (wd + 2 * a.padding + a.stride - 1) / a.stride;
+  // Bands of output rows amortise the input-row copies over up to 8 rows; keep >= ~64 work items
+  // (when the problem allows) so the thread pool can balance them.
+  P->band_rows = std::max<int64_t>(1, std::min<int64_t>(8, n * a.groups * P->ho / 64));
+  P->bands = (P->ho + P->band_rows - 1) / P->band_rows;
+  P->scratch_rows = (P->band_rows - 1) * a.stride + (a.k - 1) * a.dilation + 1;
+  return static_cast<size_t>(n * a.groups * P->bands);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -384,20 +415,8 @@ OrtStatus* ORT_API_CALL KernelComputeV2(void* kernel_ptr, OrtKernelContext* ctx)
     RETURN_IF_ERROR(g_api->GetTensorMutableData(yv, &yp));
 
     Problem P;
-    P.x = static_cast<const float*>(xp);
-    P.w = static_cast<const float*>(wp);
-    P.y = static_cast<float*>(yp);
-    P.n = N; P.c = C; P.h = H; P.wd = Wd; P.ho = Ho; P.wo = Wo;
-    P.a = a;
-    P.cg = C / a.groups;
-    P.kk = a.k * a.k;
-    P.phase_len = (Wd + 2 * a.padding + a.stride - 1) / a.stride;
-    // Bands of output rows amortise the input-row copies over up to 8 rows; keep >= ~64 work items
-    // (when the problem allows) so ORT's pool can balance them.
-    P.band_rows = std::max<int64_t>(1, std::min<int64_t>(8, N * a.groups * Ho / 64));
-    P.bands = (Ho + P.band_rows - 1) / P.band_rows;
-    P.scratch_rows = (P.band_rows - 1) * a.stride + (a.k - 1) * a.dilation + 1;
-    const size_t total = static_cast<size_t>(N * a.groups * P.bands);
+    const size_t total = SetUp(&P, static_cast<const float*>(xp), static_cast<const float*>(wp),
+                               static_cast<float*>(yp), N, C, H, Wd, a);
     RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(ctx, RunTask, total, 0, &P));
     if (P.failed.load()) return Fail("out of memory in a worker", ORT_FAIL);
     return nullptr;
@@ -587,5 +606,44 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) noexce
     return nullptr;
   } catch (...) {
     return api->CreateStatus(ORT_FAIL, "Involution: failed to register the custom-op domain");
+  }
+}
+
+// Plain C entry point for repconv's PyTorch op (loaded with ctypes; no ONNX Runtime involved), so
+// torch and ORT share one kernel. Arguments are validated by the Python caller; the checks here
+// only keep a bad call from touching memory. Threads: std::thread workers pulling work items.
+// Returns 0 on success, 1 bad arguments, 2 out of memory, 3 other failure.
+extern "C" __attribute__((visibility("default"))) int repconv_involution_f32(
+    const float* x, const float* w, float* y, const int64_t* dims, const int64_t* attrs, int threads) noexcept {
+  try {
+    if (x == nullptr || w == nullptr || y == nullptr || dims == nullptr || attrs == nullptr) return 1;
+    Attrs a;
+    a.k = attrs[0];
+    a.stride = attrs[1];
+    a.dilation = attrs[2];
+    a.groups = attrs[3];
+    a.padding = a.dilation * (a.k - 1) / 2;
+    const int64_t n = dims[0], c = dims[1], h = dims[2], wd = dims[3];
+    if (a.k < 1 || a.k % 2 == 0 || a.k > 255 || a.stride < 1 || a.dilation < 1 || a.groups < 1) return 1;
+    if (n < 0 || c < 0 || h < 1 || wd < 1 || c % a.groups != 0) return 1;
+    if (n * c == 0) return 0;
+    Problem P;
+    const size_t total = SetUp(&P, x, w, y, n, c, h, wd, a);
+    std::atomic<size_t> next{0};
+    auto worker = [&P, &next, total]() noexcept {
+      for (size_t t = next.fetch_add(1); t < total; t = next.fetch_add(1)) RunTask(&P, t);
+    };
+    std::vector<std::thread> pool;
+    const size_t want = std::min<size_t>(total, static_cast<size_t>(std::max(threads, 1))) - 1;
+    try {
+      pool.reserve(want);
+      for (size_t i = 0; i < want; ++i) pool.emplace_back(worker);
+    } catch (...) {  // could not start more threads: the ones running (and this one) finish the work
+    }
+    worker();
+    for (std::thread& t : pool) t.join();
+    return P.failed.load() ? 2 : 0;
+  } catch (...) {
+    return 3;
   }
 }
