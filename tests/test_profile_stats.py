@@ -168,3 +168,38 @@ def test_wall_timer_syncs_around_the_call() -> None:
 def test_measure_rejects_bad_counts(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         measure_interleaved([lambda: None], **kwargs)
+
+
+def test_cuda_event_timer_brackets_the_call_and_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU needed: the CUDA path's order of operations, with torch.cuda mocked."""
+    import contextlib
+
+    import torch
+
+    from repconv.profile import runtimes
+
+    log: list[str] = []
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            FakeEvent.count += 1
+            self.name = "start" if FakeEvent.count % 2 else "end"
+
+        def record(self) -> None:
+            log.append(f"record {self.name}")
+
+        def synchronize(self) -> None:
+            log.append(f"wait {self.name}")
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            return 2.5  # milliseconds, as torch reports them
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    timer = runtimes.cuda_event_timer(torch.device("cuda", 0))
+    assert timer(lambda: log.append("launch")) == pytest.approx(0.0025)
+    assert log == ["synchronize", "record start", "launch", "record end", "wait end"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.markup import escape
 
 from repconv.cli.common import (
@@ -20,9 +21,15 @@ from repconv.cli.common import (
 )
 from repconv.io import ModelLoadError, parse_shape
 from repconv.profile.core import DEFAULT_SECONDS, DEFAULT_WARMUP, ProfileReport, profile_model
-from repconv.profile.render import baseline_table, machine_summary, per_op_tables, results_table
+from repconv.profile.render import (
+    baseline_table,
+    machine_summary,
+    per_op_tables,
+    results_table,
+    variants_table,
+)
 from repconv.profile.report import compare_to_baseline, load_report, write_report
-from repconv.profile.runtimes import RUNTIMES, ProfileError, check_device, runtime_problems
+from repconv.profile.runtimes import RUNTIMES, MeasurementError, ProfileError, check_device, runtime_problems
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -39,6 +46,8 @@ def _runtimes(text: str | None) -> list[str] | None:
     if text is None:
         return None
     names = [r.strip() for r in text.split(",") if r.strip()]
+    if names == ["all"]:
+        return names
     unknown = [r for r in names if r not in RUNTIMES]
     if unknown or not names:
         import torch
@@ -61,6 +70,13 @@ def _load(spec: str, weights: str | None, allow_pickle: bool) -> Any:
     return load_model_or_exit(spec, weights, allow_pickle)
 
 
+def _print(renderable: Any) -> None:
+    # Wide tables: when stdout is a file or pipe there is no terminal width to respect, and rich's
+    # default of 80 columns would only squeeze the numbers (print(width=) can narrow, not widen).
+    out = console if console.is_terminal else Console(highlight=False, width=max(console.width, 160))
+    out.print(renderable)
+
+
 def _say(msg: str) -> None:
     err_console.print(f"[dim]· {escape(msg)}[/dim]")
 
@@ -71,7 +87,8 @@ def _say(msg: str) -> None:
               help="Profile OTHER (model spec or .onnx) against MODEL instead of MODEL's fused form.")
 @click.option("--no-fuse", is_flag=True, help="Profile MODEL as given only (no fused variant).")
 @click.option("--runtime", "runtime", default=None, metavar="LIST",
-              help=f"Comma-separated runtimes among {', '.join(RUNTIMES)} (default: every one usable here).")
+              help=f"Comma-separated runtimes among {', '.join(RUNTIMES)}, or 'all' (default: torch and "
+                   "onnxruntime where usable; torch-compile is opt-in because compiling takes long).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--batch-sizes", default=None, metavar="LIST",
               help="Comma-separated batch sizes (default: the input shape's batch, 1 when inferred).")
@@ -97,10 +114,10 @@ def profile_command(model: str | None, weights: str | None, allow_pickle: bool, 
                     threads: int | None, warmup: int, iters: int | None, seconds: float | None, per_op: bool,
                     top: int, json_out: str | None, plot_out: str | None, baseline: str | None,
                     imports: tuple[str, ...], no_flush_denormal: bool) -> None:
-    """Time MODEL as given and fused, side by side (interleaved), on every usable runtime.
+    """Time MODEL as given and fused, side by side (interleaved), on PyTorch and ONNX Runtime.
 
-    MODEL is anything `repconv fuse` accepts, or an .onnx file (then onnxruntime only). Without MODEL,
-    --import shows reports measured elsewhere."""
+    MODEL is anything `repconv fuse` accepts, or an .onnx file (then onnxruntime only). torch.compile
+    is opt-in (--runtime all). Without MODEL, --import shows reports measured elsewhere."""
     # Cheap checks first: a usage error must not cost a model load or a measurement.
     if model is None and not imports:
         raise UsageFailure("give MODEL to profile, or --import FILE to show results measured elsewhere")
@@ -153,16 +170,21 @@ def profile_command(model: str | None, weights: str | None, allow_pickle: bool, 
                 flush_denormal=not no_flush_denormal, progress=_say)
         except ProfileError as e:
             raise UsageFailure(str(e)) from None
+        except MeasurementError as e:
+            raise click.ClickException(str(e)) from None
 
     shown = report or imported[0]
     rest = imported if report is not None else imported[1:]
     console.print(f"[bold]machine:[/bold] {escape(machine_summary(shown.machine))}")
-    console.print(results_table(shown, rest, title="latency per batch (ratio: per-pair candidate/reference; "
-                                                   "< 1 is faster)"))
+    for rep in rest:
+        console.print(f"[bold]imported:[/bold] {escape(machine_summary(rep.machine))}")
+    _print(results_table(shown, rest, title="latency per batch (ratio: per-pair candidate/reference, "
+                                            "< 1 is faster)"))
+    _print(variants_table(shown))
     for note in shown.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     for t in per_op_tables(shown):
-        console.print(t)
+        _print(t)
 
     if json_out and report is not None:
         protect = tuple(p for p in (model, compare) if p)
@@ -180,7 +202,7 @@ def profile_command(model: str | None, weights: str | None, allow_pickle: bool, 
         if not checks:
             console.print(f"[yellow]note:[/yellow] no row of {escape(str(baseline))} matches this run")
         else:
-            console.print(baseline_table(checks))
+            _print(baseline_table(checks))
             bad = [c for c in checks if c.status == "regression"]
             if bad:
                 raise CheckFailure(f"{len(bad)} regression(s) beyond the noise against {baseline}")

@@ -30,7 +30,9 @@ _HERE = Path(__file__).resolve().parent
 TEMPLATE_DIR = _HERE / "bundle_template"
 RUNTIME_DIR = _HERE.parent / "runtime"
 # What of repconv/runtime/ is needed to build the native op library on the device.
-_NATIVE_PATTERNS = ("CMakeLists.txt", "*.cmake", "Makefile", "build*.sh", "*.cc", "*.cpp", "*.h", "*.hpp", "*.map")
+# build.py is repconv.runtime's standalone (stdlib-only) build script; it finds csrc/ beside itself.
+_NATIVE_PATTERNS = ("build.py", "CMakeLists.txt", "*.cmake", "Makefile", "build*.sh", "*.cc", "*.cpp", "*.h", "*.hpp",
+                    "*.map")
 
 
 class BundleError(ValueError):
@@ -45,7 +47,7 @@ def native_sources(runtime_dir: Path = RUNTIME_DIR) -> list[tuple[Path, Path]]:
     for pattern in _NATIVE_PATTERNS:
         for p in sorted(runtime_dir.rglob(pattern)):
             rel = p.relative_to(runtime_dir)
-            if p.is_file() and not any(part.startswith((".", "__pycache__", "build")) for part in rel.parts[:-1]):
+            if p.is_file() and not any(part.startswith((".", "_", "build")) for part in rel.parts[:-1]):
                 found.append((p, rel))
     return sorted(set(found), key=lambda t: str(t[1]))
 
@@ -182,9 +184,20 @@ def _readme(manifest: dict[str, Any], native_files: list[Path]) -> str:
                 "the native library (through the model-local function carried in the file), but the native "
                 "kernel is faster:" if manifest["custom_ops"] else
                 "This model uses no repconv custom op; the native library is optional and included for completeness:")
-        native = (f"## 2. Build the native op library (optional)\n\n{need}\n\n{listing}\n\n"
-                  "Build it with the build files above against the ONNX Runtime headers of the version installed "
-                  "on the device (`python3 -c 'import onnxruntime; print(onnxruntime.__version__)'`). "
+        names = {p.name for p in native_files}
+        steps = []
+        if "build.py" in names:
+            steps.append("    ORT_INCLUDE_DIR=/path/to/onnxruntime/include python3 native/build.py   "
+                         "# -> native/_build/")
+        if "CMakeLists.txt" in names:
+            steps.append("    cmake -S native -B native/build -DORT_INCLUDE_DIR=/path/to/onnxruntime/include && "
+                         "cmake --build native/build")
+        how = ("Build it with either of:\n\n" + "\n".join(steps) + "\n\n" if steps else "") + (
+            "It needs a C++17 compiler and ONNX Runtime's C API header `onnxruntime_c_api.h`, which the pip wheel "
+            "does not ship: use the `include/` folder of the onnxruntime release archive for the device's "
+            "platform (any version >= 1.17; the library is not linked against onnxruntime). "
+            "On Debian-like systems `build.py` can fetch `libonnxruntime-dev` itself when ORT_INCLUDE_DIR is unset.")
+        native = (f"## 2. Build the native op library (optional)\n\n{need}\n\n{listing}\n\n{how}\n\n"
                   "`benchmark.py` picks up a library built anywhere under `native/`, or pass "
                   "`--custom-op-library PATH`.")
     else:

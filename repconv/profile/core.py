@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from repconv.profile import counting
-from repconv.profile.machine import cpu_settings, machine_info
+from repconv.profile.machine import busy_note, cpu_settings, load_average, machine_info
 from repconv.profile.runtimes import (
     RUNTIMES,
+    MeasurementError,
     OrtRunner,
     ProfileError,
     Runner,
@@ -37,6 +37,9 @@ SCHEMA = "repconv.profile/1"
 DEFAULT_WARMUP = 10
 DEFAULT_SECONDS = 1.0
 PER_OP_ITERATIONS = 20
+# torch.compile is opt-in: its first compilation of a model costs 20-60 s on a 2-core CPU, longer than
+# everything else in a default run together; "all" (or naming it) includes it.
+DEFAULT_RUNTIMES = ("torch", "onnxruntime")
 
 DENORMAL_NOTE = ("denormals flushed to zero on CPU (torch.set_flush_denormal(True); "
                  "ORT session.set_denormal_as_zero=1)")
@@ -55,7 +58,7 @@ class Result:
     median_ms: float
     p90_ms: float
     p99_ms: float
-    min_ms: float
+    min_ms: float | None = None
     max_ms: float | None = None
     mean_ms: float | None = None
     std_ms: float | None = None
@@ -170,7 +173,7 @@ def _export(module: nn.Module, path: Path, example: torch.Tensor, dynamic_batch:
 
 def _validate(runtimes: Sequence[str] | None, batch_sizes: Sequence[int] | None, threads: int | None,
               warmup: int, iters: int | None, seconds: float | None, top: int) -> None:
-    if runtimes is not None:
+    if runtimes is not None and list(runtimes) != ["all"]:
         unknown = [r for r in runtimes if r not in RUNTIMES]
         if unknown:
             raise ProfileError(f"unknown runtime {', '.join(map(repr, unknown))}; known: {', '.join(RUNTIMES)}")
@@ -244,11 +247,13 @@ def profile_model(
 
     Every (runtime, batch size) group times all variants interleaved: one call of each per repetition,
     order rotating, ``iters`` repetitions or until ``seconds`` have passed; the first variant is the
-    reference of the paired ratios. ``runtimes`` defaults to every runtime usable here for these
-    variants. Raises :class:`ProfileError` for a request that cannot be honoured."""
+    reference of the paired ratios. ``runtimes`` defaults to those of :data:`DEFAULT_RUNTIMES` usable
+    here for these variants; ``["all"]`` means every usable one. Raises :class:`ProfileError` for a
+    request that cannot be honoured."""
     _validate(runtimes, batch_sizes, threads, warmup, iters, seconds, top)
     dev = check_device(device)
     t_start = time.perf_counter()  # progress stamps only; never part of a measurement
+    load_before = load_average()  # before our own fusing/exporting adds to it
 
     def say(msg: str) -> None:
         if progress is not None:
@@ -299,15 +304,22 @@ def profile_model(
     modules = [v.module for v in variants if v.module is not None]
     problems = runtime_problems(dev, modules=len(modules) == len(variants),
                                 scripted=any(isinstance(m, torch.jit.ScriptModule) for m in modules))
-    if runtimes is None:
-        chosen = [r for r in RUNTIMES if problems[r] is None]
+    usable = [r for r in RUNTIMES if problems[r] is None]
+    if runtimes is None or list(runtimes) == ["all"]:
+        chosen = usable if runtimes else [r for r in usable if r in DEFAULT_RUNTIMES]
         if not chosen:
             raise ProfileError("no runtime is usable here: " + "; ".join(f"{r}: {p}" for r, p in problems.items()))
+        all_modules = len(modules) == len(variants)
+        for r in RUNTIMES if runtimes else DEFAULT_RUNTIMES:
+            if problems[r] is not None and all_modules:
+                notes.append(f"{r} skipped: {problems[r]}")
+        if runtimes is None and "torch-compile" in usable:
+            notes.append("torch-compile not run by default (compiling each variant takes tens of seconds on CPU); "
+                         "add it with --runtime torch,torch-compile,onnxruntime or --runtime all")
     else:
         chosen = list(dict.fromkeys(runtimes))
         for r in chosen:
             if problems[r] is not None:
-                usable = [k for k, p in problems.items() if p is None]
                 raise ProfileError(f"runtime {r!r} is not usable: {problems[r]}; usable here: "
                                    f"{', '.join(usable) or 'none'}")
 
@@ -335,6 +347,10 @@ def profile_model(
     with tempfile.TemporaryDirectory(prefix="repconv-profile-") as tmp, _eval_mode(modules), \
             cpu_settings(threads, flush_denormal and dev.type == "cpu") as n_threads:
         report.machine = machine_info(device=str(dev), threads=n_threads, flush_denormal=flush_denormal)
+        report.machine["load_avg_1m"] = load_before
+        busy = busy_note(report.machine)
+        if busy:
+            notes.append(busy)
         config["threads"] = n_threads
         workdir = Path(tmp)
         onnx_files: dict[int, Path] = {i: v.onnx for i, v in enumerate(variants) if v.onnx is not None}
@@ -358,67 +374,74 @@ def profile_model(
             return device_modules[i]
 
         compiled: dict[int, Any] = {}
+
+        def make_runner(runtime: str, i: int, x: torch.Tensor) -> Runner:
+            if runtime == "onnxruntime":
+                return OrtRunner(onnx_files[i], x.numpy(), dev, n_threads, flush_denormal)
+            if runtime == "torch":
+                return TorchRunner(module_on_device(i), x.to(dev), dev)
+            if i not in compiled:  # one compiled wrapper per variant; it recompiles per batch size itself
+                compiled[i] = torch.compile(module_on_device(i), dynamic=False)
+            return TorchRunner(compiled[i], x.to(dev), dev, runtime="torch-compile")
+
         for runtime in chosen:
             for b in sizes:
-                x = torch.randn((b, *shape[1:]), generator=torch.Generator().manual_seed(seed + b))
                 say(f"{runtime}, batch {b}: preparing")
+                x = torch.randn((b, *shape[1:]), generator=torch.Generator().manual_seed(seed + b))
                 runners: list[Runner] = []
                 try:
-                    for i in range(len(variants)):
-                        if runtime == "onnxruntime":
-                            runners.append(OrtRunner(onnx_files[i], x.numpy().astype(np.float32), dev,
-                                                     n_threads, flush_denormal))
-                        elif runtime == "torch":
-                            runners.append(TorchRunner(module_on_device(i), x.to(dev), dev))
-                        else:
-                            if i not in compiled:
-                                compiled[i] = torch.compile(module_on_device(i), dynamic=False)
-                            runners.append(TorchRunner(compiled[i], x.to(dev), dev, runtime="torch-compile"))
-                    for r in runners:
-                        r()  # one-time work (compilation, kernel selection for this shape) stays out of memory
-                    mems = [r.peak_memory_mb() for r in runners]
-                    say(f"{runtime}, batch {b}: timing {len(runners)} variant(s) interleaved")
-                    samples = measure_interleaved(runners, warmup=warmup, iters=iters, seconds=seconds,
-                                                  timer=runners[0].timer(clock), clock=clock)
-                    per_ops: list[list[dict[str, Any]] | None] = [None] * len(runners)
-                    if per_op:
-                        say(f"{runtime}, batch {b}: per-op profiles")
-                        for j, r in enumerate(runners):
-                            per_ops[j] = [o.to_dict() for o in r.per_op(PER_OP_ITERATIONS, top, workdir)]
-                except Exception as e:
+                    runners = [make_runner(runtime, i, x) for i in range(len(variants))]
+                    group = _measure_group(runners, variants, statics, b, n_threads, str(dev), warmup=warmup,
+                                           iters=iters, seconds=seconds, clock=clock, per_op=per_op, top=top,
+                                           workdir=workdir, say=lambda m, p=f"{runtime}, batch {b}": say(f"{p}: {m}"))
+                except Exception as e:  # one runtime failing (e.g. an op it lacks) must not lose the others
                     notes.append(f"{runtime}, batch {b}: skipped ({_first_line(e)})")
                     continue
                 finally:
                     for r in runners:
                         r.close()
-                group: list[Result] = []
-                for v, s, mem, st, ops, r in zip(variants, samples, mems, statics, per_ops, runners, strict=True):
-                    stats = summarize(s)
-                    group.append(Result(
-                        model=v.model, variant=v.variant, runtime=runtime, device=str(dev), batch_size=b,
-                        threads=n_threads, median_ms=stats.median_ms, p90_ms=stats.p90_ms, p99_ms=stats.p99_ms,
-                        min_ms=stats.min_ms, max_ms=stats.max_ms, mean_ms=stats.mean_ms, std_ms=stats.std_ms,
-                        iqr_ms=stats.iqr_ms, mad_ms=stats.mad_ms, samples=stats.samples,
-                        throughput=b / (stats.median_ms / 1e3) if stats.median_ms > 0 else None,
-                        peak_mem_mb=mem, params=st[0], macs=st[1], provider=r.provider, native_ops=r.native_ops,
-                        per_op=ops))
-                report.results.extend(group)
-                for j in range(1, len(variants)):
-                    ratio = paired_ratio(samples[0], samples[j])
-                    report.comparisons.append(Comparison(
-                        model=variants[0].model, runtime=runtime, device=str(dev), batch_size=b,
-                        reference=variants[0].label, candidate=variants[j].label, **_ratio_fields(ratio)))
+                report.results.extend(group[0])
+                report.comparisons.extend(group[1])
         device_modules.clear()
         compiled.clear()
     if not report.results:
-        raise ProfileError("nothing could be measured: " + "; ".join(notes))
+        raise MeasurementError("nothing could be measured: " + "; ".join(notes))
     return report
 
 
-def _ratio_fields(ratio: Any) -> dict[str, Any]:
-    d = ratio.to_dict()
-    return {"pairs": d["pairs"], "ratio_median": d["ratio_median"], "ratio_p25": d["ratio_p25"],
-            "ratio_p75": d["ratio_p75"], "speedup": d["speedup"]}
+def _measure_group(runners: Sequence[Runner], variants: Sequence[Variant],
+                   statics: Sequence[tuple[int | None, int | None]], batch: int, threads: int, device: str, *,
+                   warmup: int, iters: int | None, seconds: float | None, clock: Clock, per_op: bool, top: int,
+                   workdir: Path, say: Callable[[str], None]) -> tuple[list[Result], list[Comparison]]:
+    """Memory, interleaved timing and (optionally) per-op profiles of one (runtime, batch size) group."""
+    for r in runners:
+        r()  # one-time work (compilation, kernel selection for this shape) stays out of memory and timing
+    mems = [r.peak_memory_mb() for r in runners]
+    say(f"timing {len(runners)} variant(s) interleaved")
+    samples = measure_interleaved(runners, warmup=warmup, iters=iters, seconds=seconds,
+                                  timer=runners[0].timer(clock), clock=clock)
+    per_ops: list[list[dict[str, Any]] | None] = [None] * len(runners)
+    if per_op:
+        say("per-op profiles")
+        per_ops = [[o.to_dict() for o in r.per_op(PER_OP_ITERATIONS, top, workdir)] for r in runners]
+    results = []
+    for v, s, mem, (params, macs), ops, r in zip(variants, samples, mems, statics, per_ops, runners, strict=True):
+        st = summarize(s)
+        results.append(Result(
+            model=v.model, variant=v.variant, runtime=r.runtime, device=device, batch_size=batch, threads=threads,
+            median_ms=st.median_ms, p90_ms=st.p90_ms, p99_ms=st.p99_ms, min_ms=st.min_ms, max_ms=st.max_ms,
+            mean_ms=st.mean_ms, std_ms=st.std_ms, iqr_ms=st.iqr_ms, mad_ms=st.mad_ms, samples=st.samples,
+            throughput=batch / (st.median_ms / 1e3) if st.median_ms > 0 else None, peak_mem_mb=mem,
+            params=params, macs=macs, provider=r.provider, native_ops=r.native_ops, per_op=ops))
+    comparisons = []
+    for j in range(1, len(variants)):
+        if not any(t > 0 for t in samples[0]):
+            continue  # a clock too coarse to see the reference: no ratio rather than a division by zero
+        comparisons.append(Comparison(
+            model=variants[0].model, runtime=runners[0].runtime, device=device, batch_size=batch,
+            reference=variants[0].label, candidate=variants[j].label,
+            **paired_ratio(samples[0], samples[j]).to_dict()))
+    return results, comparisons
 
 
 def _infer_shape(model: nn.Module) -> tuple[int, ...]:

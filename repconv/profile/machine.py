@@ -43,11 +43,30 @@ def machine_info(*, device: str = "cpu", threads: int | None = None,
         "gpu": None,
         "cuda": torch.version.cuda,
         "flush_denormal": flush_denormal,
+        "load_avg_1m": load_average(),
     }
     if device.startswith("cuda") and cuda_available():
         idx = torch.device(device).index or 0
         info["gpu"] = torch.cuda.get_device_name(idx)
     return info
+
+
+def load_average() -> float | None:
+    """1-minute system load average (None where the OS has none): other work competing for the CPU."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(info: dict[str, Any]) -> str | None:
+    """A warning when other processes already kept the cores busy before the measurement started."""
+    load, cores = info.get("load_avg_1m"), info.get("usable_cores") or 1
+    if load is None or load < 0.75 * cores:
+        return None
+    return (f"system load average {load:.1f} on {cores} usable cores before measuring: other processes compete "
+            "for the CPU, so tails (p90/p99) and multi-threaded latency are inflated; medians and the paired "
+            "ratios are the robust figures")
 
 
 def machine_label(info: dict[str, Any]) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,26 +40,66 @@ def top_ops(totals_us: dict[str, float], counts: dict[str, int], iterations: int
                    calls=counts.get(name, 0) / iterations) for name, us in ranked]
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """Silence native writes to file descriptor 2 (kineto prints profiler_start/stop lines there)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# Operator namespaces that ship with PyTorch; an op from any other namespace (repconv::involution) is a
+# custom op, and the aten ops it runs inside are booked to it so its cost shows under its own name.
+_BUILTIN_NAMESPACES = frozenset({"aten", "prim", "profiler", "cuda", "c10d", "_c10d_functional", "quantized",
+                                 "mkldnn", "onednn", "inductor", "triton", "torch", "autograd", "detectron2"})
+
+
+def _custom_owner(ev: Any) -> Any | None:
+    """The outermost custom-op ancestor of a profiler event (or the event itself), if any."""
+    owner = None
+    node = ev
+    while node is not None:
+        ns, sep, _ = str(node.name).partition("::")
+        if sep and ns not in _BUILTIN_NAMESPACES:
+            owner = node
+        node = node.cpu_parent
+    return owner
+
+
 def torch_per_op(fn: Callable[[], object], *, iterations: int, cuda: bool, top: int = 10) -> list[OpTime]:
     """Run ``fn`` ``iterations`` times under torch.profiler; self CPU (or CUDA kernel) time per op."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()  # one untimed call, so lazy initialisation is not attributed to the first op
-    with profile(activities=activities) as prof:
+    with _quiet_stderr_fd(), profile(activities=activities) as prof:
         for _ in range(iterations):
             fn()
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for ev in prof.key_averages():
-        name = ev.key
+    for ev in prof.events():
+        name = str(ev.name)
         if name.startswith(_TORCH_SKIP_PREFIXES):
             continue
         us = float(ev.self_device_time_total if cuda else ev.self_cpu_time_total)
-        if us <= 0:
-            continue
-        totals[name] += us
-        counts[name] += int(ev.count)
+        owner = _custom_owner(ev)
+        if owner is not None and owner is not ev:
+            name = str(owner.name)  # time inside a custom op belongs to it
+        elif owner is ev or us > 0:
+            counts[name] += 1
+        if us > 0:
+            totals[name] += us
     return top_ops(totals, counts, iterations, top)
 
 

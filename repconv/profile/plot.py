@@ -14,7 +14,8 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
-MISSING_MATPLOTLIB = "--plot needs matplotlib: pip install 'repconv[plot]' (or pip install matplotlib)"
+# No square brackets: the CLI prints this through rich markup, which would swallow "[plot]".
+MISSING_MATPLOTLIB = "--plot needs matplotlib, which is not installed: pip install matplotlib (repconv's 'plot' extra)"
 
 
 def plot_latency(results: Sequence[Result], path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -40,7 +41,7 @@ def plot_latency(results: Sequence[Result], path: str | os.PathLike, *, title: s
             rows.sort(key=lambda r: r.batch_size)
             xs = [r.batch_size for r in rows]
             med = [r.median_ms for r in rows]
-            lo = [max(0.0, r.median_ms - r.min_ms) for r in rows]
+            lo = [max(0.0, r.median_ms - (r.min_ms if r.min_ms is not None else r.median_ms)) for r in rows]
             hi = [max(0.0, r.p90_ms - r.median_ms) for r in rows]
             ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)

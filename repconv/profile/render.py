@@ -73,14 +73,18 @@ def results_table(report: ProfileReport, imported: Sequence[ProfileReport] = (),
             cand[(i, c.runtime, c.device, c.batch_size, c.candidate)] = c
             refs.add((i, c.runtime, c.device, c.batch_size, c.reference))
 
+    show_device = len({r.device for _, r in rows}) > 1
+    if not show_device and rows:
+        title = f"{title or 'latency'} - {rows[0][1].device}"
     table = Table(title=escape(title) if title else None, title_justify="left", header_style="bold")
     if show_source:
         table.add_column("source")
     table.add_column("runtime")
-    table.add_column("device")
+    if show_device:
+        table.add_column("device")
     table.add_column("batch", justify="right")
     table.add_column(escape("model [variant]") if show_model else "variant")
-    for name in ("median ms", "p90 ms", "p99 ms", "min ms", "std ms", "items/s", "peak MB", "params", "MACs/item"):
+    for name in ("median ms", "p90 ms", "p99 ms", "min ms", "std ms", "items/s", "peak MB"):
         table.add_column(name, justify="right")
     table.add_column("ratio vs ref (IQR)", justify="right")
 
@@ -100,10 +104,11 @@ def results_table(report: ProfileReport, imported: Sequence[ProfileReport] = (),
         last = g
         label = f"{r.model} [{r.variant}]"
         key = (i, r.runtime, r.device, r.batch_size, label)
-        cells = [escape(r.runtime), escape(r.device), str(r.batch_size), escape(label if show_model else r.variant),
+        cells = [escape(r.runtime), str(r.batch_size), escape(label if show_model else r.variant),
                  fmt_ms(r.median_ms), fmt_ms(r.p90_ms), fmt_ms(r.p99_ms), fmt_ms(r.min_ms), fmt_ms(r.std_ms),
-                 fmt_count(r.throughput), "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
-                 fmt_count(r.params), fmt_count(r.macs)]
+                 fmt_count(r.throughput), "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"]
+        if show_device:
+            cells.insert(1, escape(r.device))
         if show_source:
             cells.insert(0, escape(r.source))
         ratio = _ratio_cell(cand[key]) if key in cand else _ratio_cell(None) if key in refs else Text("")
@@ -111,12 +116,26 @@ def results_table(report: ProfileReport, imported: Sequence[ProfileReport] = (),
     return table
 
 
+def variants_table(report: ProfileReport) -> Table:
+    """Parameters and MACs per item of each variant (they do not depend on runtime or batch size)."""
+    t = Table(title="model size", title_justify="left", header_style="bold")
+    for name, just in (("model [variant]", "left"), ("params", "right"), ("MACs/item", "right")):
+        t.add_column(escape(name), justify=just)  # type: ignore[arg-type]
+    seen: set[str] = set()
+    for r in report.results:
+        label = f"{r.model} [{r.variant}]"
+        if label not in seen:
+            seen.add(label)
+            t.add_row(escape(label), fmt_count(r.params), fmt_count(r.macs))
+    return t
+
+
 def per_op_tables(report: ProfileReport) -> list[Table]:
     tables = []
     for r in report.results:
         if not r.per_op:
             continue
-        native = " (repconv native ops)" if r.native_ops else ""
+        native = " (repconv native ops registered)" if r.native_ops else ""
         t = Table(title=escape(f"per-op: {r.model} [{r.variant}], {r.runtime}{native}, {r.device}, "
                                f"batch {r.batch_size}"),
                   title_justify="left", header_style="bold")

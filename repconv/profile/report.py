@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,20 @@ REGRESSION_MIN_REL = 0.05
 REGRESSION_SIGMAS = 3.0
 
 
+def _finite(obj: Any) -> Any:
+    """inf / nan (e.g. a speedup over a zero-length sample) become null: strict JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_report(report: ProfileReport, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    data = _finite(report.to_dict())
+    Path(path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def validate_report_dict(data: Any, where: str = "report") -> None:

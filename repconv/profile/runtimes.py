@@ -27,6 +27,10 @@ class ProfileError(ValueError):
     """Bad profiling request (unknown runtime/device, non-positive counts, ...): one line for the user."""
 
 
+class MeasurementError(RuntimeError):
+    """Nothing could be measured (every runtime failed on this model): one line for the user."""
+
+
 def available_devices() -> list[str]:
     return ["cpu", "cuda"] if cuda_available() else ["cpu"]
 
@@ -107,14 +111,16 @@ def cuda_event_timer(device: torch.device) -> Timer:
     """Time one call with CUDA events recorded on the current stream, waiting for the end event."""
 
     def timer(fn: Callable[[], object]) -> float:
-        torch.cuda.synchronize(device)  # nothing earlier may leak into this measurement
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3  # ms -> s
+        # Events go on the current stream of *this* device (not whatever device is current).
+        with torch.cuda.device(device):
+            torch.cuda.synchronize(device)  # nothing queued earlier may leak into this measurement
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()  # the host waits until the GPU has really finished the call
+            return start.elapsed_time(end) / 1e3  # ms -> s
 
     return timer
 
