@@ -136,7 +136,7 @@ def test_unsupported_op_message_names_module(tmp_path, user_models):
 
 def test_missing_onnx_option_is_usage_error(user_models):
     res = CliRunner().invoke(main, ["export", "user_models_export:plain"])
-    assert res.exit_code == 2 and "--onnx" in res.output
+    assert res.exit_code == 2 and "--onnx" in res.output and "--bundle" in res.output
 
 
 def test_check_failure_exits_1_and_keeps_old_file(tmp_path, user_models):
@@ -171,3 +171,15 @@ def test_real_subprocess_dynamic_batch(tmp_path, user_models):
         got = sess.run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
             np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_bundle_without_onnx_writes_self_contained_folder(tmp_path, user_models):
+    bundle = tmp_path / "device"
+    res = _invoke("user_models_export:net", "--bundle", str(bundle), "--input-shape", "1,3,16,16")
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.onnx", "benchmark.py", "README.md", "native"} <= names
+    m = onnx.load(str(bundle / "model.onnx"))
+    assert sum(n.op_type == "Involution" for n in m.graph.node) == 1
+    res = _invoke("user_models_export:net", "--bundle", str(bundle), "--input-shape", "1,3,16,16")
+    assert res.exit_code == 2  # an existing bundle is not replaced without --force

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from repconv.io import ModelLoadError, infer_input_shape, load_model, parse_shape
 
@@ -28,7 +29,7 @@ class UsageFailure(click.ClickException):
     exit_code = EXIT_USAGE
 
     def show(self, file: Any = None) -> None:
-        err_console.print(f"[red]error:[/red] {self.format_message()}")
+        err_console.print(f"[red]error:[/red] {escape(self.format_message())}")
 
 
 class CheckFailure(click.ClickException):
@@ -37,7 +38,7 @@ class CheckFailure(click.ClickException):
     exit_code = EXIT_CHECK_FAILED
 
     def show(self, file: Any = None) -> None:
-        err_console.print(f"[red]failed:[/red] {self.format_message()}")
+        err_console.print(f"[red]failed:[/red] {escape(self.format_message())}")
 
 
 def model_options(f: F) -> F:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,8 +26,10 @@ from repconv.cli.common import (
 @model_options
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="OUT.onnx",
               help="Write an ONNX file (checked in ONNX Runtime against PyTorch).")
-# Further export targets (e.g. a profiling bundle directory) go here as options of their own;
-# each gets a _write_<target>() step below and shares the loaded model and example input.
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Also write a self-contained device benchmark folder (ONNX, native op source, "
+                   "benchmark.py, README).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --bundle DIR.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic (checked at two batch sizes).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
@@ -38,6 +42,8 @@ def export_command(
     allow_pickle: bool,
     input_shape: str | None,
     onnx_path: str | None,
+    bundle_dir: str | None,
+    force: bool,
     opset: int | None,
     dynamic_batch: bool,
     no_simplify: bool,
@@ -46,8 +52,8 @@ def export_command(
     atol: float,
 ) -> None:
     """Export MODEL (a saved model file or package.module:factory) for deployment."""
-    if onnx_path is None:
-        raise UsageFailure("nothing to export: give --onnx OUT.onnx")
+    if onnx_path is None and bundle_dir is None:
+        raise UsageFailure("nothing to export: give --onnx OUT.onnx and/or --bundle DIR")
     if rtol < 0 or atol < 0:
         raise UsageFailure("--rtol and --atol must be >= 0")
     module = load_model_or_exit(model, weights, allow_pickle)
@@ -56,8 +62,28 @@ def export_command(
         console.print(f"[dim]input shape {_fmt_shape(shape)} inferred from the first layer "
                       "(pass --input-shape to change)[/dim]")
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    _write_onnx(module, model, onnx_path, example, opset=opset, dynamic_batch=dynamic_batch,
-                simplify=not no_simplify, fuse=not no_fuse, rtol=rtol, atol=atol)
+    options = dict(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, fuse=not no_fuse,
+                   rtol=rtol, atol=atol)
+    if onnx_path is not None:
+        _write_onnx(module, model, onnx_path, example, **options)
+    if bundle_dir is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = onnx_path or str(Path(tmp) / "model.onnx")
+            if onnx_path is None:
+                _write_onnx(module, model, source, example, **options)
+            _write_bundle(source, bundle_dir, model, tuple(example.shape), "original" if no_fuse else "fused", force)
+
+
+def _write_bundle(onnx_file: str, bundle_dir: str, spec: str, shape: tuple[int, ...], variant: str,
+                  force: bool) -> None:
+    from repconv.profile.bundle import BundleError, write_bundle
+
+    try:
+        out = write_bundle(onnx_file, bundle_dir, shape, model_name=spec, variant=variant, overwrite=force)
+    except BundleError as e:
+        raise UsageFailure(str(e)) from None
+    console.print(f"bundle {escape(str(out))}: copy it to the device, run "
+                  "`python3 benchmark.py --json result.json`, then `repconv profile --import result.json`")
 
 
 def _write_onnx(module: Any, spec: str, out: str, example: torch.Tensor, **options: Any) -> None:
