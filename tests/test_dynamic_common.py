@@ -10,10 +10,17 @@ import torch.fx
 import torch.nn.functional as F
 
 from repconv.dynamic import CondConv2d, mixer_tiny, onnx_static_batch, to_deploy
-from repconv.dynamic._common import per_sample_conv2d, per_sample_conv2d_grouped, per_sample_conv2d_matmul
+from repconv.dynamic._common import (
+    adaptive_avg_pool2d,
+    max_pool2d_same,
+    per_sample_conv2d,
+    per_sample_conv2d_grouped,
+    per_sample_conv2d_matmul,
+)
 from repconv.dynamic.testing import export_dynamic_onnx, max_rel_err, ort_session
 
 torch.fx.wrap("per_sample_conv2d")  # imported by name: wrap here too (what repconv's own modules do)
+torch.fx.wrap("max_pool2d_same")
 
 GEOMETRIES = [  # (C, O, groups, kernel, stride, padding, dilation)
     (8, 6, 1, (3, 3), 1, (1, 1), 1),
@@ -24,6 +31,15 @@ GEOMETRIES = [  # (C, O, groups, kernel, stride, padding, dilation)
     (8, 8, 1, (3, 1), 1, (1, 0), 1),
     (4, 6, 2, (3, 3), 3, (0, 0), 2),    # no padding, stride 3
 ]
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """One intra-op thread: small tensors, and far less sensitive to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def _loop(x, w, b, stride, padding, dilation, groups):
@@ -93,3 +109,22 @@ def test_to_deploy_with_generic_fuse():
     d = to_deploy(m, (x,))
     with torch.no_grad():
         assert max_rel_err(m(x), d(x)) < 1e-5
+
+
+@pytest.mark.parametrize("h, w, k", [(14, 14, 3), (28, 13, 3), (9, 9, 3), (7, 5, 5), (6, 6, 1), (5, 11, 4)])
+def test_exportable_adaptive_avg_pool_matches_torch(h, w, k):
+    x = torch.randn(2, 3, h, w)
+    torch.testing.assert_close(adaptive_avg_pool2d(x, k), F.adaptive_avg_pool2d(x, k))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_separable_max_pool_matches_torch_and_exports_as_maxpool(k):
+    x = torch.randn(2, 3, 7, 9)
+    torch.testing.assert_close(max_pool2d_same(x, k), F.max_pool2d(x, k, 1, k // 2), rtol=0, atol=0)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return max_pool2d_same(x, k)
+
+    model = onnx.load_from_string(export_dynamic_onnx(torch.fx.symbolic_trace(M()), x, use_repconv=False))
+    assert [n.op_type for n in model.graph.node] == ["MaxPool"]

@@ -55,4 +55,4 @@ def to_deploy(model: nn.Module, example_inputs: tuple[Tensor, ...] | None = None
         root = root.to_deploy()
     else:
         _replace(root)
-    return fold_conv_bns(root, example_inputs, generic=generic and example_inputs is not None)
+    return fold_conv_bns(root, example_inputs, generic=generic)

@@ -31,9 +31,12 @@ Pair = tuple[int, int]
 
 __all__ = [
     "FusionRefused",
+    "adaptive_avg_pool2d",
     "conv_bn",
     "fold_conv_bn",
     "fold_conv_bns",
+    "grouped_pointwise",
+    "max_pool2d_same",
     "onnx_static_batch",
     "pair",
     "per_sample_conv2d",
@@ -102,11 +105,12 @@ def fold_conv_bns(module: nn.Module, example_inputs: tuple[Tensor, ...] | None =
                   generic: bool = True) -> nn.Module:
     """Return an eval-mode copy with every conv-BN folded.
 
-    Uses the generic fx pass ``repconv.fuse`` when it is importable (``generic=True``) - it also
-    folds patterns this module does not know - and otherwise folds the ``conv_bn`` Sequentials
-    locally. The input module is never modified.
+    Uses the generic fx pass ``repconv.fuse`` (which also folds patterns this module does not know,
+    and verifies) when it is importable, ``generic`` is true and ``example_inputs`` are given - it
+    would otherwise have to guess an input shape; else folds the ``conv_bn`` Sequentials locally.
+    The input module is never modified.
     """
-    if generic:
+    if generic and example_inputs is not None:
         try:
             from repconv.graph.fuse import fuse
         except ImportError:
@@ -114,6 +118,69 @@ def fold_conv_bns(module: nn.Module, example_inputs: tuple[Tensor, ...] | None =
         if fuse is not None:
             return fuse(module, example_inputs)
     return _fold_local(copy.deepcopy(module).eval())
+
+
+# --------------------------------------------------------------------------- exportable adaptive pooling
+
+def adaptive_avg_pool2d(x: Tensor, size: int) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` from Slice + ReduceMean + Concat.
+
+    torch.onnx refuses ``adaptive_avg_pool2d`` when the output size does not divide the input size
+    (DRConv's k x k pooling of a 14x14 or 28x28 map). Bins are PyTorch's: [floor(i*H/k), ceil((i+1)*H/k));
+    a rectangle's mean is the mean of its row means, since all rows of a bin have the same width.
+    The bounds are computed from ``x.shape``, so this stays fx-traceable and shape-generic; only
+    non-negative integer division is used (ONNX's integer Div truncates: ceil via (a + k - 1) // k).
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    rows = torch.cat([x[:, :, (i * h) // size:((i + 1) * h + size - 1) // size].mean(dim=2, keepdim=True)
+                      for i in range(size)], dim=2)
+    return torch.cat([rows[:, :, :, (j * w) // size:((j + 1) * w + size - 1) // size].mean(dim=3, keepdim=True)
+                      for j in range(size)], dim=3)
+
+
+def max_pool2d_same(x: Tensor, kernel_size: int) -> Tensor:
+    """Stride-1 max pooling with "same" padding, ``F.max_pool2d(x, k, 1, k // 2)``.
+
+    Eager: separable (rows, then columns) maxima of shifted views - exact, and ~10x faster than
+    PyTorch's NCHW CPU max-pool kernel at one thread. ONNX export: one ``MaxPool`` node (ORT's is fast).
+    Registered with ``torch.fx.wrap`` so the choice survives tracing.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return F.max_pool2d(x, kernel_size, 1, kernel_size // 2)
+    r = kernel_size // 2
+    p = F.pad(x, (r, r, r, r), value=float("-inf"))
+    h, w = x.shape[-2], x.shape[-1]
+    rows = p[:, :, :, 0:w]
+    for j in range(1, kernel_size):
+        rows = torch.maximum(rows, p[:, :, :, j:j + w])
+    out = rows[:, :, 0:h]
+    for i in range(1, kernel_size):
+        out = torch.maximum(out, rows[:, :, i:i + h])
+    return out
+
+
+torch.fx.wrap("max_pool2d_same")
+
+
+def grouped_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """A grouped 1x1 conv, x (N, C, H, W), weight (O, C/groups), bias (O,) or None.
+
+    Eager: one batched matmul - PyTorch runs grouped 1x1 convs at batch < 16 on one thread through
+    a slow per-group loop. ONNX export: one grouped 1x1 ``Conv`` (fast in ORT). fx-wrapped.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return F.conv2d(x, weight.reshape(*weight.shape, 1, 1), bias, groups=groups)
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    if groups == c == o:  # depth-wise: a per-channel affine
+        out = x * weight.reshape(1, c, 1, 1)
+        return out + bias.reshape(1, -1, 1, 1) if bias is not None else out
+    out = torch.matmul(weight.reshape(groups, o // groups, c // groups), x.reshape(n, groups, c // groups, h * w))
+    out = out.reshape(n, o, h, w)
+    return out + bias.reshape(1, -1, 1, 1) if bias is not None else out
+
+
+torch.fx.wrap("grouped_pointwise")
 
 
 # --------------------------------------------------------------------------- per-sample convolution

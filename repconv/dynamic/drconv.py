@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import pair, per_sample_conv2d, refuse
+from ._common import adaptive_avg_pool2d, pair, per_sample_conv2d, refuse
 
 torch.fx.wrap("per_sample_conv2d")
 
@@ -68,7 +68,8 @@ class DRConv2d(nn.Module):
     def guided_mask(self, guide: Tensor) -> Tensor:
         """(N, m, H, W) straight-through mask: value = one-hot(argmax), gradient = softmax's."""
         soft = torch.softmax(guide, dim=1)
-        hard = F.one_hot(guide.argmax(dim=1), self.region_num).permute(0, 3, 1, 2).to(guide.dtype)
+        regions = torch.arange(self.region_num, device=guide.device).reshape(1, -1, 1, 1)
+        hard = (guide.argmax(dim=1, keepdim=True) == regions).to(guide.dtype)  # one-hot over dim 1
         return hard + (soft - soft.detach())  # exactly `hard` in value: soft - soft == 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,14 +85,14 @@ class DRConv2d(nn.Module):
 
 
 class DRConv2dDeploy(nn.Module):
-    """Inference DRConv: one per-sample conv for all regions of all samples, hard argmax, gather."""
+    """Inference DRConv: one per-sample conv for all regions of all samples, hard argmax, gather.
+    The generator's k x k adaptive pooling is written with Slice/ReduceMean (any input size exports)."""
 
     def __init__(self, m: DRConv2d) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.region_num = m.in_channels, m.out_channels, m.region_num
         self.kernel_size, self.stride, self.padding = m.kernel_size, m.stride, m.padding
         self.guide = m.guide
-        self.pool = m.generator[0]
         self.gen1, self.gen_act, self.gen2 = m.generator[1], m.generator[2], m.generator[3]
 
     @staticmethod
@@ -102,7 +103,8 @@ class DRConv2dDeploy(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         k, o = self.kernel_size, self.out_channels
-        g = self.gen2(self.gen_act(self.gen1(self.pool(x))))
+        # exportable pooling: ONNX has no adaptive pool to k x k when k does not divide H (14x14, 28x28)
+        g = self.gen2(self.gen_act(self.gen1(adaptive_avg_pool2d(x, k))))
         kernels = g.reshape(-1, self.region_num * o, self.in_channels, k, k)
         outs = per_sample_conv2d(x, kernels, None, self.stride, self.padding, (1, 1), 1)
         outs = outs.reshape(-1, self.region_num, o, outs.shape[-2], outs.shape[-1])

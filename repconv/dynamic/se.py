@@ -51,5 +51,5 @@ class SEBottleneck(nn.Module):
         return self.act(self.se(self.conv3(self.conv2(self.conv1(x)))) + self.shortcut(x))
 
     def to_deploy(self, example_inputs: tuple[Tensor, ...] | None = None) -> nn.Module:
-        """Every conv-BN folded (through ``repconv.fuse`` when present)."""
+        """Every conv-BN folded (through ``repconv.fuse`` when present and ``example_inputs`` given)."""
         return fold_conv_bns(self, example_inputs)

@@ -46,5 +46,5 @@ class SKConv(nn.Module):
         return out
 
     def to_deploy(self, example_inputs: tuple[Tensor, ...] | None = None) -> nn.Module:
-        """Every conv-BN folded (through ``repconv.fuse`` when present)."""
+        """Every conv-BN folded (through ``repconv.fuse`` when present and ``example_inputs`` given)."""
         return fold_conv_bns(self, example_inputs)

@@ -6,16 +6,20 @@ out_n = F_n + A_n * F_n; outputs concatenated. (The public code max-pools the *i
 the depth-wise output, which makes the DW layer dead; this follows the paper's equations.)
 
 :class:`ULSAM` keeps one small module per subspace (g times 6 ops). :class:`ULSAMDeploy` runs all
-subspaces at once: the g depth-wise 1x1 convs are one C-channel depth-wise conv, the g PW convs one
-grouped 1x1 conv (C -> g, g groups), every BN folded; one softmax over (N, g, H*W).
+subspaces at once: the g depth-wise 1x1 convs are one per-channel affine, the g PW convs one batched
+matmul (C -> g), every BN folded; one softmax over (N, g, H*W).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
-from ._common import conv_bn, fold_conv_bn, refuse
+from ._common import conv_bn, fold_conv_bn, grouped_pointwise, max_pool2d_same, refuse
+
+torch.fx.wrap("max_pool2d_same")
+torch.fx.wrap("grouped_pointwise")
 
 __all__ = ["ULSAM", "ULSAMDeploy", "SubSpace"]
 
@@ -56,16 +60,23 @@ class ULSAM(nn.Module):
 
 
 class ULSAMDeploy(nn.Module):
-    """All subspaces at once: DW 1x1 (C groups) -> ReLU -> MaxPool -> 1x1 conv (C -> g, g groups) ->
-    ReLU -> softmax over H*W per subspace -> x + A * x, BNs folded."""
+    """All subspaces at once, BNs folded: per-channel affine (the DW 1x1 convs; ONNX: one depth-wise
+    1x1 Conv, which ORT fuses with the ReLU) -> ReLU -> 3x3 max
+    (stride 1) -> per-subspace weighted channel sum (the PW convs: one grouped 1x1, a batched matmul
+    in eager) -> ReLU -> softmax over H*W per subspace -> x + A * x.
+
+    The 1x1 convs are not Conv2d modules because PyTorch runs grouped 1x1 convs at batch < 16 with
+    one thread through a slow per-group loop; ONNX still gets one grouped 1x1 ``Conv``."""
 
     def __init__(self, channels: int, num_subspaces: int) -> None:
         super().__init__()
         self.channels, self.num_subspaces = channels, num_subspaces
-        self.dw = nn.Conv2d(channels, channels, 1, groups=channels)
+        nin = channels // num_subspaces
+        self.dw_weight = nn.Parameter(torch.ones(channels, 1))
+        self.dw_bias = nn.Parameter(torch.zeros(channels))
         self.act1 = nn.ReLU()
-        self.pool = nn.MaxPool2d(3, 1, 1)
-        self.pw = nn.Conv2d(channels, num_subspaces, 1, groups=num_subspaces)
+        self.pw_weight = nn.Parameter(torch.zeros(num_subspaces, nin))
+        self.pw_bias = nn.Parameter(torch.zeros(num_subspaces))
         self.act2 = nn.ReLU()
 
     @staticmethod
@@ -75,15 +86,17 @@ class ULSAMDeploy(nn.Module):
         pws = [fold_conv_bn(s.pw.conv, s.pw.bn) for s in m.subspaces]
         d = d.to(device=dws[0].weight.device, dtype=dws[0].weight.dtype)
         with torch.no_grad():
-            d.dw.weight.copy_(torch.cat([c.weight for c in dws]))
-            d.dw.bias.copy_(torch.cat([c.bias for c in dws]))
-            d.pw.weight.copy_(torch.cat([c.weight for c in pws]))
-            d.pw.bias.copy_(torch.cat([c.bias for c in pws]))
+            d.dw_weight.copy_(torch.cat([c.weight.reshape(-1, 1) for c in dws]))
+            d.dw_bias.copy_(torch.cat([c.bias for c in dws]))
+            d.pw_weight.copy_(torch.cat([c.weight.reshape(1, -1) for c in pws]))
+            d.pw_bias.copy_(torch.cat([c.bias for c in pws]))
         return d.eval()
 
     def forward(self, x: Tensor) -> Tensor:
-        a = self.act2(self.pw(self.pool(self.act1(self.dw(x)))))  # (N, g, H, W)
-        n, g, h, w = a.shape
+        n, c, h, w = x.shape
+        g = self.num_subspaces
+        pooled = max_pool2d_same(self.act1(grouped_pointwise(x, self.dw_weight, self.dw_bias, c)), 3)
+        a = self.act2(grouped_pointwise(pooled, self.pw_weight, self.pw_bias, g))  # (N, g, H, W)
         a = torch.softmax(a.reshape(n, g, h * w), dim=2).reshape(n, g, 1, h, w)
-        xs = x.reshape(n, g, self.channels // g, h, w)
-        return (xs + a * xs).reshape(n, self.channels, h, w)
+        xs = x.reshape(n, g, c // g, h, w)
+        return (xs + a * xs).reshape(n, c, h, w)
