@@ -29,7 +29,7 @@ __all__ = [
     "DRConv2d", "DRConv2dDeploy", "DynamicDWConv2d", "DynamicDWConv2dDeploy", "FusionRefused", "MixerBlock",
     "MlpMixer", "PSConv2d", "PSConv2dDeploy", "PSConv2dSparse", "SEBottleneck", "SEModule", "SKConv", "ULSAM",
     "ULSAMDeploy", "WeightNetConv2d", "WeightNetConv2dDeploy", "cotnet26", "fold_conv_bns",
-    "fold_layernorm_affine", "mixer_tiny", "onnx_static_batch", "per_sample_conv2d", "to_deploy",
+    "fold_layernorm_affine", "mixer_tiny", "deploy_rewrites", "onnx_static_batch", "per_sample_conv2d", "to_deploy",
 ]
 
 # to_deploy() of these only folds conv-BNs (SE, SK) or recurses here (CoTNet): descend instead, so
@@ -37,12 +37,28 @@ __all__ = [
 _DESCEND = (SEBottleneck, SKConv, CoTNet)
 
 
-def _replace(module: nn.Module) -> None:
+def _replace(module: nn.Module, prefix: str = "", done: list[str] | None = None) -> list[str]:
+    done = [] if done is None else done
     for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
         if hasattr(child, "to_deploy") and not isinstance(child, _DESCEND):
             setattr(module, name, child.to_deploy())
+            done.append(f"{path} ({type(child).__name__})")
         else:
-            _replace(child)
+            _replace(child, path, done)
+    return done
+
+
+def deploy_rewrites(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``model`` with every dynamic operator swapped for its deploy form (an eval-mode copy when
+    there is any, else ``model`` itself), and the list of what was swapped. No conv-BN folding:
+    that is ``repconv.fuse``'s job, which calls this first."""
+    if not any(hasattr(m, "to_deploy") and not isinstance(m, _DESCEND) for m in model.modules()):
+        return model, []
+    root = copy.deepcopy(model).eval()
+    if hasattr(root, "to_deploy") and not isinstance(root, _DESCEND):
+        return root.to_deploy(), [f"(top) ({type(root).__name__})"]
+    return root, _replace(root)
 
 
 def to_deploy(model: nn.Module, example_inputs: tuple[Tensor, ...] | None = None, *,

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
+from repconv.dynamic._common import onnx_static_batch
 from repconv.export import involution_onnx as inv_onnx
 from repconv.export.patterns import InvolutionMatch, rewrite_involutions
 
@@ -349,7 +350,10 @@ def _torch_export(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with _quiet_native_output(), torch.no_grad():
+            # without a dynamic batch, per-sample convs (CondConv, D-DW, ...) may bake the batch into
+            # one grouped Conv, which ORT runs faster than the batch-agnostic form
+            static = contextlib.nullcontext() if dynamic_batch else onnx_static_batch()
+            with _quiet_native_output(), torch.no_grad(), static:
                 torch.onnx.export(
                     model, _fresh(inputs), buf, dynamo=False, opset_version=opset,
                     input_names=in_names, output_names=out_names, dynamic_axes=dynamic_axes,

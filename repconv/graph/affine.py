@@ -180,7 +180,7 @@ def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affi
                               sum(s * k.bias for k, s in zip(ls, signs, strict=True)))
     else:
         raise FusionRefused("adding values of different kinds")
-    return _merged(node, values, kernel)
+    return _merged(node, values, kernel, _grows(kernel, values))
 
 
 def through_concat(node: fx.Node, values: list[Affine]) -> Affine:
@@ -196,15 +196,21 @@ def through_concat(node: fx.Node, values: list[Affine]) -> Affine:
         kernel = LinearKernel(torch.cat([k.weight for k in ls]), torch.cat([k.bias for k in ls]))
     else:
         raise FusionRefused("concatenating values of different kinds")
-    return _merged(node, values, kernel)
+    return _merged(node, values, kernel, _grows(kernel, values))
 
 
-def _merged(node: fx.Node, values: list[Affine], kernel: ConvKernel | LinearKernel) -> Affine:
+def _grows(kernel: ConvKernel | LinearKernel, values: list[Affine]) -> bool:
+    """A merge that costs more than its branches (PSConv's dilations in one sparse 9x9 kernel)."""
+    parts = sum(_macs(v.kernel) if v.kernel is not None else v.channels for v in values)
+    return _macs(kernel) > parts
+
+
+def _merged(node: fx.Node, values: list[Affine], kernel: ConvKernel | LinearKernel, grows: bool) -> Affine:
     first = values[0]
     sources = frozenset().union(*(v.sources for v in values)) | {node}
     extra = frozenset().union(*(v.extra for v in values))
     fixes = tuple(f for v in values for f in v.root_fixes)
-    expensive = frozenset().union(*(v.expensive for v in values))
+    expensive = frozenset().union(*(v.expensive for v in values)) | ({node} if grows else frozenset())
     return replace(first, kernel=kernel, sources=sources, extra=extra, root_fixes=fixes, expensive=expensive,
                    adds=sum(v.adds for v in values) + 1,
                    add_operands=sum(v.add_operands for v in values) + len(values))

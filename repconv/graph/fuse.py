@@ -83,9 +83,15 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
     with _eval_mode(model), torch.no_grad():
+        # dynamic operators (CondConv, PSConv, ...) first take their inference form
+        from repconv.dynamic import deploy_rewrites
+
+        source, swapped = deploy_rewrites(model)
+        if swapped:
+            report.notes.append("deploy rewrites: " + ", ".join(swapped))
         # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
         # from the user's model while copying only what survived fusion
-        fused = copy.deepcopy(_fuse_module(model, inputs, report, prefix=""))
+        fused = copy.deepcopy(_fuse_module(source, inputs, report, prefix=""))
     fused.eval()
     report.params_before = sum(p.numel() for p in model.parameters())
     report.params_after = sum(p.numel() for p in fused.parameters())

@@ -442,8 +442,8 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
         for node in region_outputs(an):
             v = an.values[node]
             if v.expensive and region_macs(an, node) > original_macs(an, v.sources):
-                # cut before each composition that grew the kernel: its input becomes a root
-                new |= {c.args[0] for c in v.expensive if isinstance(c.args[0], fx.Node)}
+                # cut before each composition / merge that grew the kernel: its inputs become roots
+                new |= {a for c in v.expensive for a in _tensor_inputs(c) if a not in an.consts}
         if new == forced:
             return an
         forced = new
