@@ -292,3 +292,17 @@ def test_verification_failure_names_layer(monkeypatch: pytest.MonkeyPatch) -> No
         repconv.fuse(model, torch.randn(1, 3, 8, 8))
     assert info.value.report.first_divergence == "1"
     assert not info.value.report.ok
+
+
+def test_repmlp_block_merges_local_convs_into_fc() -> None:
+    """repconv's RepMLPBlock asks fuse to run its own conversion (reshapes hide the algebra)."""
+    from repconv.blocks import RepMLPBlock, randomize_bn_
+
+    model = randomize_bn_(RepMLPBlock(16, 16, 16, 16, 8, 8)).eval()
+    x = torch.randn(2, 16, 16, 16)
+    fused, report = fuse_with_report(model, x)
+    assert count(fused, nn.BatchNorm2d) == 0
+    assert count(fused, nn.Conv2d) == 1  # only fc3 (as a 1x1 grouped conv) is left
+    assert any("self re-parameterized" in n for n in report.notes)
+    assert max_rel(fused(x), model(x)) < 1e-5
+    assert all(isinstance(m, nn.Module) for m in model.modules()) and not getattr(model, "deployed", False)

@@ -29,6 +29,11 @@ class RepMLPBlock(RepBlock):
     Defaults are the paper's RepMLP-Res50 setting: branches 1, 3, 5, fc3_groups 4, reduction 1.
     """
 
+    # the generic fx pass cannot move the local convs into the FC across the partition reshapes:
+    # repconv.fuse calls reparameterize() on this block first
+    fuse_by_reparameterize = True
+
+
     def __init__(self, in_channels: int, out_channels: int, H: int, W: int, h: int, w: int,
                  reparam_conv_k: tuple[int, ...] = (1, 3, 5), fc1_fc2_reduction: int = 1, fc3_groups: int = 4,
                  deploy: bool = False) -> None:

@@ -89,6 +89,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         source, swapped = deploy_rewrites(model)
         if swapped:
             report.notes.append("deploy rewrites: " + ", ".join(swapped))
+        source = _self_reparameterize(source, source is not model, report)
         # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
         # from the user's model while copying only what survived fusion
         fused = copy.deepcopy(_fuse_module(source, inputs, report, prefix=""))
@@ -129,6 +130,19 @@ def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: Fuse
         report.untraced.append(f"{prefix or type(work).__name__}: shape propagation failed: {str(e)[:120]}")
         return _fuse_children(work, inputs, report, prefix)
     return rewrite(gm, report, prefix)
+
+
+def _self_reparameterize(model: nn.Module, owned: bool, report: FuseReport) -> nn.Module:
+    """Blocks that declare ``fuse_by_reparameterize`` (repconv's RepMLP: reshapes the fx pass cannot
+    see through) convert themselves first, on a copy."""
+    names = [n for n, m in model.named_modules() if getattr(m, "fuse_by_reparameterize", False)]
+    if not names:
+        return model
+    work = model if owned else copy.deepcopy(model)
+    for name in names:
+        work.get_submodule(name).reparameterize()
+    report.notes.append("self re-parameterized: " + ", ".join(n or "(top)" for n in names))
+    return work
 
 
 def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
