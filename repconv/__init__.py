@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "fuse": "repconv.graph.fuse",
     "FuseReport": "repconv.graph.fuse",
-    "verify": "repconv.verify",
-    "VerifyReport": "repconv.verify",
-    "VerificationError": "repconv.verify",
+    "verify": "repconv.verification",
+    "VerifyReport": "repconv.verification",
+    "VerificationError": "repconv.verification",
     "FusionRefused": "repconv.algebra",
     "export_onnx": "repconv.export.onnx",
     "load_model": "repconv.io",

@@ -2,7 +2,7 @@
 functional convs with computed weights, BN-and-pad slice assignment, reuse, fallbacks.
 
 Reference = the unfused model in eval mode; fp32 tolerance: max|err| <= 1e-5 * max|ref| (see
-repconv/verify.py for why)."""
+repconv/verification.py for why)."""
 
 from __future__ import annotations
 
@@ -306,3 +306,13 @@ def test_repmlp_block_merges_local_convs_into_fc() -> None:
     assert any("self re-parameterized" in n for n in report.notes)
     assert max_rel(fused(x), model(x)) < 1e-5
     assert all(isinstance(m, nn.Module) for m in model.modules()) and not getattr(model, "deployed", False)
+
+
+def test_public_api_names_survive_submodule_imports() -> None:
+    """Importing every submodule must not shadow the lazily exported functions."""
+    import repconv.cli.main  # noqa: F401
+    import repconv.export.onnx  # noqa: F401
+    import repconv.graph.fuse  # noqa: F401
+
+    for name in ("fuse", "verify", "export_onnx", "load_model"):
+        assert callable(getattr(repconv, name)), name

@@ -14,7 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from repconv.graph.fuse import FuseInputError, FuseReport, fuse_with_report, region_kind, region_result
-from repconv.verify import DEFAULT_ATOL, DEFAULT_RTOL, VerificationError, VerifyReport
+from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, VerificationError, VerifyReport
 
 from .common import (
     CheckFailure,

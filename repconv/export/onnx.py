@@ -300,7 +300,7 @@ def _fuse(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRepo
 
 def _raise_if_verification(e: Exception) -> None:
     try:
-        from repconv.verify import VerificationError
+        from repconv.verification import VerificationError
     except ImportError:
         return
     if isinstance(e, VerificationError):

@@ -15,9 +15,10 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from repconv import verification
 from repconv.algebra import ConvKernel
 from repconv.io import ModelLoadError, infer_input_shape
-from repconv.verify import (
+from repconv.verification import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     Inputs,
@@ -25,7 +26,6 @@ from repconv.verify import (
     VerifyReport,
     as_tuple,
     compare_outputs,
-    verify,
 )
 
 from .regions import Analysis, Refusal, Region, analyze, region_outputs
@@ -102,7 +102,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
                                    if t.is_floating_point() else t for t in inputs) for _ in range(2)]
         checks += [as_tuple(s) for s in samples]
         with _eval_mode(model):
-            result = verify_fn(model, fused, checks, rtol=rtol, atol=atol)
+            result = verification.verify(model, fused, checks, rtol=rtol, atol=atol)
             if not result.ok:
                 result.first_divergence = _first_divergence(model, fused, inputs, rtol, atol)
         report.verification = result
@@ -110,8 +110,6 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
             raise VerificationError(result)
     return fused, report
 
-
-verify_fn = verify
 
 
 # --------------------------------------------------------------------------- the pass
@@ -289,25 +287,19 @@ def _join(prefix: str, path: str) -> str:
 
 
 def _params_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module], consts: dict[fx.Node, Any]) -> int:
-    seen: dict[int, int] = {}
+    """Parameters the region's ops read: their modules' and those reached through constant folding."""
+    params: dict[int, int] = {}
+    named = {name: p for name, p in next(iter(modules.values())).named_parameters()} if modules else {}
     for n in sources:
         if n.op == "call_module":
-            for p in modules[n.target].parameters():
-                seen[id(p)] = p.numel()
+            params.update({id(p): p.numel() for p in modules[n.target].parameters()})
         stack = [a for a in _inputs(n) if a in consts]
         while stack:
             a = stack.pop()
-            if a.op == "get_attr" and isinstance(consts[a], torch.Tensor):
-                obj = consts[a]
-                seen[id(a.target)] = obj.numel() if a.target.split(".")[-1] in _param_names(modules, a.target) else 0
+            if a.op == "get_attr" and a.target in named:
+                params[id(named[a.target])] = named[a.target].numel()
             stack.extend(x for x in _inputs(a) if x in consts)
-    return sum(seen.values())
-
-
-def _param_names(modules: dict[str, nn.Module], target: str) -> set[str]:
-    owner, _, attr = target.rpartition(".")
-    mod = modules.get(owner)
-    return {attr} if mod is not None and attr in dict(mod.named_parameters(recurse=False)) else set()
+    return sum(params.values())
 
 
 def _inputs(node: fx.Node) -> list[fx.Node]:
@@ -447,7 +439,7 @@ def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Te
                 model(*inputs)
             finally:
                 h.remove()
-            if captured and not verify(child, sub, captured[0], rtol=rtol, atol=atol).ok:
+            if captured and not verification.verify(child, sub, captured[0], rtol=rtol, atol=atol).ok:
                 inner = _first_divergence(child, sub, captured[0], rtol, atol)
                 return f"{name}.{inner}" if inner else name
         return None
