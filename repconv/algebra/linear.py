@@ -34,7 +34,8 @@ class LinearKernel:
     def to_module(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.nn.Linear:
         dtype = dtype or self.weight.dtype
         # built directly in the target dtype: a default (fp32) module would round fp64 weights
-        lin = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0], dtype=dtype, device=device)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, self.weight.shape[1], self.weight.shape[0], dtype=dtype,
+                                       device=device)
         with torch.no_grad():
             lin.weight.copy_(self.weight.to(dtype))
             lin.bias.copy_(self.bias.to(dtype))
