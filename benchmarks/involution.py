@@ -73,7 +73,8 @@ def run(shape: tuple[int, int, int, int], k: int, groups: int, stride: int, thre
     kern = torch.randn(n, groups * k * k, ho, wo, generator=gen)
     feeds = {"x": x.numpy(), "kernel": kern.numpy()}
     model = inv_onnx.involution_model(c, k, stride, 1, groups, h, w, batch=n).SerializeToString()
-    opts = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "log_severity_level": 3}
+    # no spinning: idle ORT workers would otherwise steal the cores from the next case in the round
+    opts = {"intra_op_num_threads": threads, "inter_op_num_threads": 1, "log_severity_level": 3, "spinning": False}
 
     cases: dict[str, Callable[[], object]] = {}
     native_lib = runtime.native_library()
@@ -82,9 +83,7 @@ def run(shape: tuple[int, int, int, int], k: int, groups: int, stride: int, thre
         cases["ORT native kernel"] = lambda: s_native.run(None, feeds)
     s_func = runtime.inference_session(model, native=False, **opts)
     cases["ORT function fallback"] = lambda: s_func.run(None, feeds)
-    so = ort.SessionOptions()
-    for key, val in opts.items():
-        setattr(so, key, val)
+    so = runtime.session_options(native=False, **opts)
     s_dw = ort.InferenceSession(depthwise_model(c, k, h, w, stride), so, providers=["CPUExecutionProvider"])
     dw_feeds = {"x": feeds["x"]}
     cases[f"ORT depthwise {k}x{k} conv"] = lambda: s_dw.run(None, dw_feeds)

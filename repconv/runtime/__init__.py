@@ -37,17 +37,23 @@ def native_library() -> Path | None:
     return path if build.is_current(path) else None
 
 
-def session_options(native: bool | None = None, **options: Any) -> onnxruntime.SessionOptions:
+def session_options(native: bool | None = None, *, spinning: bool = True,
+                    **options: Any) -> onnxruntime.SessionOptions:
     """``SessionOptions`` with repconv's native kernels registered.
 
     native: None registers the library when it is built; True requires it (NativeLibraryMissing
     otherwise); False never registers it (models then run through the ONNX function).
+    spinning: False stops ORT's idle worker threads from spinning after a run, which otherwise
+    steals the cores from whatever runs next (another session, PyTorch) in interleaved timings.
     options: SessionOptions attributes, e.g. ``intra_op_num_threads=1``,
     ``graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL``.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     for key, value in options.items():
         if not hasattr(so, key):
             raise TypeError(f"onnxruntime.SessionOptions has no attribute {key!r}")
