@@ -255,7 +255,7 @@ def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
         if top % dh or left % dw:
             raise FusionRefused("padding difference is not a multiple of the dilation")
         th, tw = top // dh, left // dw
-        w = F.pad(k.weight, (tw, tw, th, th))
+        w = F.pad(k.weight, (tw, tw, th, th)) if th or tw else k.weight  # F.pad copies even for 0
         out.append(ConvKernel(w, k.bias, replace(k.geom, padding=(ph, pw))))
     sizes = {o.kernel_size for o in out}
     if len(sizes) > 1:  # cannot happen when offsets agree; guard against a silent mismatch
@@ -280,8 +280,10 @@ def pad_kernel(k: ConvKernel, kernel_size: Pair) -> ConvKernel:
 def add(kernels: list[ConvKernel]) -> ConvKernel:
     """Sum of parallel branches on the same input (DBB transform II)."""
     aligned = align(kernels)
-    w, b = aligned[0].weight.clone(), aligned[0].bias.clone()
-    for k in aligned[1:]:  # in place: the kernels of a wide layer are hundreds of MB in fp64
+    if len(aligned) == 1:
+        return ConvKernel(aligned[0].weight.clone(), aligned[0].bias.clone(), aligned[0].geom)
+    w, b = aligned[0].weight + aligned[1].weight, aligned[0].bias + aligned[1].bias
+    for k in aligned[2:]:  # in place: the kernels of a wide layer are hundreds of MB in fp64
         w += k.weight
         b += k.bias
     return ConvKernel(w, b, aligned[0].geom)
