@@ -58,11 +58,16 @@ def test_torchscript_input_writes_torchscript(runner: CliRunner, tmp_path: Path)
     from tests.cli_models import small_repvgg
 
     path = tmp_path / "net.ts"
-    torch.jit.save(torch.jit.script(small_repvgg()), str(path))
+    scripted = torch.jit.script(small_repvgg())
+    torch.jit.save(scripted, str(path))
     res = runner.invoke(main, ["fuse", str(path), "--input-shape", "1,3,16,16"])
-    # a scripted model cannot be re-traced: a clear usage error, nothing written
-    assert res.exit_code == 2 and "TorchScript" in res.output
-    assert not list(tmp_path.glob("*.fused.pt"))
+    assert res.exit_code == 0, res.output
+    assert "verification OK" in res.output
+    fused = torch.jit.load(str(tmp_path / "net.fused.pt"))  # TorchScript again: loads without pickle
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(fused(x), scripted(x), rtol=1e-4, atol=1e-5)
+    kinds = [m.original_name for m in fused.modules()]
+    assert kinds.count("Conv2d") == 2 and "BatchNorm2d" not in kinds
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -99,9 +99,10 @@ def fuse_command(model: str, weights: str | None, allow_pickle: bool, input_shap
     if inferred:
         console.print(f"input shape {tuple(shape)} inferred from the first layer (override with --input-shape)")
     out = Path(output) if output else default_output(model)
+    example = torch.randn(shape)
     try:
         with progress("fusing and verifying" if not no_verify else "fusing"):
-            fused, report = fuse_with_report(module, torch.randn(shape), verify=not no_verify, rtol=rtol, atol=atol)
+            fused, report = fuse_with_report(module, example, verify=not no_verify, rtol=rtol, atol=atol)
     except FuseInputError as e:
         raise UsageFailure(str(e)) from None
     except VerificationError as e:
@@ -115,8 +116,8 @@ def fuse_command(model: str, weights: str | None, allow_pickle: bool, input_shap
         console.print("[yellow]verification skipped (--no-verify)[/yellow]")
     scripted = isinstance(module, torch.jit.ScriptModule)
     with atomic_output(out, protect=(model,)) as tmp:
-        if scripted:
-            torch.jit.save(torch.jit.script(fused), str(tmp))
+        if scripted:  # TorchScript in, TorchScript out (the fused graph is static: tracing is exact)
+            torch.jit.save(torch.jit.trace(fused, example, check_trace=False), str(tmp))
         else:
             torch.save(fused, tmp)
     console.print(f"wrote {out}")

@@ -74,8 +74,6 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     """:func:`fuse` plus a :class:`FuseReport` of what was fused, what was left and why."""
     if not isinstance(model, nn.Module):
         raise FuseInputError(f"expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise FuseInputError("TorchScript modules cannot be re-traced; fuse the Python model before scripting it")
     _check_finite(model)
     report = FuseReport()
     inputs = _example_inputs(model, example_inputs, seed)
@@ -86,10 +84,14 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         # dynamic operators (CondConv, PSConv, ...) first take their inference form
         from repconv.dynamic import deploy_rewrites
 
-        source, swapped = deploy_rewrites(model)
-        if swapped:
-            report.notes.append("deploy rewrites: " + ", ".join(swapped))
-        source = _self_reparameterize(source, source is not model, report)
+        if isinstance(model, torch.jit.ScriptModule):
+            source: nn.Module = _from_torchscript(model, inputs)
+            report.notes.append("TorchScript model: converted to an fx graph of aten ops first")
+        else:
+            source, swapped = deploy_rewrites(model)
+            if swapped:
+                report.notes.append("deploy rewrites: " + ", ".join(swapped))
+            source = _self_reparameterize(source, source is not model, report)
         # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
         # from the user's model while copying only what survived fusion
         fused = copy.deepcopy(_fuse_module(source, inputs, report, prefix=""))
@@ -114,9 +116,36 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
 
 # --------------------------------------------------------------------------- the pass
 
+def _from_torchscript(model: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """A scripted model as an fx graph (torch's TorchScript -> ExportedProgram converter)."""
+    import logging
+    import warnings
+
+    from torch._export.converter import TS2EPConverter
+
+    export_log = logging.getLogger("torch._export")
+    level = export_log.level
+    try:
+        export_log.setLevel(logging.ERROR)  # shape-specialisation chatter, not the user's problem
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = TS2EPConverter(model, inputs).convert().module()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FuseInputError(f"cannot convert the TorchScript model to a graph: {first}") from None
+    finally:
+        export_log.setLevel(level)
+    for node in list(gm.graph.nodes):  # export's input guards: checks only, and not scriptable
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    gm.meta["repconv_pretraced"] = True
+    return gm
+
+
 def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
     try:
-        gm = trace(work)
+        gm = work if isinstance(work, fx.GraphModule) and work.meta.get("repconv_pretraced") else trace(work)
     except Exception as e:  # data-dependent Python: fall back to the largest traceable children
         report.untraced.append(f"{prefix or type(work).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         return _fuse_children(work, inputs, report, prefix)

@@ -53,12 +53,17 @@ class Refusal:
     reason: str
 
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_SUB = {operator.sub, operator.isub, torch.sub}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_DIV = {operator.truediv, operator.itruediv, torch.div}
-_CAT = {torch.cat, torch.concat}
-_PASS_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, torch.clone}
+aten = torch.ops.aten
+# Python-level ops and their aten twins (graphs converted from TorchScript / torch.export use aten)
+_ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add.Scalar}
+_SUB = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub.Scalar}
+_MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
+_DIV = {operator.truediv, operator.itruediv, torch.div, aten.div.Tensor, aten.div.Scalar}
+_CAT = {torch.cat, torch.concat, aten.cat.default}
+_PASS_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, torch.clone, aten.dropout.default, aten.clone.default}
+_CONV = {F.conv2d, torch.conv2d, aten.conv2d.default}
+_LINEAR = {F.linear, aten.linear.default}
+_AVG_POOL = {F.avg_pool2d, aten.avg_pool2d.default}
 _PASS_METHODS = {"contiguous", "clone"}
 _BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
@@ -267,11 +272,11 @@ class Analysis:
                 return V.through_concat(node, values)
             raise NotAffine
         if f in _PASS_FUNCS:
-            training = self._arg(node, 2, "training", True) if f is not torch.clone else False
+            training = self._arg(node, 2, "training", True) if f not in (torch.clone, aten.clone.default) else False
             if training:
                 raise NotAffine
             return V.passthrough(node, get(args[0]))
-        if f in (F.conv2d, torch.conv2d):
+        if f in _CONV:
             x = args[0]
             w = self._const(self._arg(node, 1, "weight"))
             if not isinstance(x, fx.Node) or not isinstance(w, torch.Tensor):
@@ -280,22 +285,26 @@ class Analysis:
                                 self._arg(node, 4, "padding", 0), self._arg(node, 5, "dilation", 1),
                                 self._arg(node, 6, "groups", 1))
             return V.through_conv(node, get(x), k)
-        if f in (F.linear,):
+        if f in _LINEAR:
             w = self._const(self._arg(node, 1, "weight"))
             if not isinstance(w, torch.Tensor):
                 raise NotAffine
             b = self._const(self._arg(node, 2, "bias"))
             return V.through_linear(node, get(args[0]), LinearKernel(_f64(w), _bias(b, w.shape[0])))
-        if f in (F.batch_norm,):
-            rm, rv = self._const(self._arg(node, 1, "running_mean")), self._const(self._arg(node, 2, "running_var"))
-            w, b = self._const(self._arg(node, 3, "weight")), self._const(self._arg(node, 4, "bias"))
+        if f in (F.batch_norm, aten.batch_norm.default):
+            if f is F.batch_norm:  # (x, mean, var, weight, bias, training, momentum, eps)
+                rm, rv = self._const(self._arg(node, 1, "running_mean")), self._const(self._arg(node, 2, "running_var"))
+                w, b = self._const(self._arg(node, 3, "weight")), self._const(self._arg(node, 4, "bias"))
+            else:  # aten: (x, weight, bias, mean, var, training, momentum, eps, cudnn_enabled)
+                w, b = self._const(self._arg(node, 1, "weight")), self._const(self._arg(node, 2, "bias"))
+                rm, rv = self._const(self._arg(node, 3, "running_mean")), self._const(self._arg(node, 4, "running_var"))
             if self._arg(node, 5, "training", False) or not isinstance(rm, torch.Tensor):
                 raise NotAffine
             eps = self._arg(node, 7, "eps", 1e-5)
             scale, shift = A.bn_scale_shift(_f64(rm), _f64(rv), None if w is None else _f64(w),
                                             None if b is None else _f64(b), eps)
             return V.through_channel_affine(node, get(args[0]), scale, shift, axis="dim1")
-        if f is F.avg_pool2d:
+        if f in _AVG_POOL:
             v = get(args[0])
             k = self._arg(node, 1, "kernel_size")
             stride = self._arg(node, 2, "stride", None) or k
@@ -304,9 +313,11 @@ class Analysis:
                               count_include_pad=self._arg(node, 5, "count_include_pad", True),
                               divisor_override=self._arg(node, 6, "divisor_override", None))
             return V.through_conv(node, v, pool)
-        if f is F.pad:
-            mode = self._arg(node, 2, "mode", "constant")
-            value = self._arg(node, 3, "value", None)
+        if f in (F.pad, aten.pad.default, aten.constant_pad_nd.default):
+            if f is aten.constant_pad_nd.default:
+                mode, value = "constant", self._arg(node, 2, "value", 0)
+            else:
+                mode, value = self._arg(node, 2, "mode", "constant"), self._arg(node, 3, "value", None)
             if mode != "constant" or value not in (None, 0, 0.0):
                 raise NotAffine
             return self._zero_pad(node, get(args[0]), self._arg(node, 1, "pad"))
@@ -496,7 +507,7 @@ def original_macs(an: Analysis, sources: frozenset[fx.Node]) -> int:
                 kh, kw = A.conv._pair(m.kernel_size)
                 total += per_item * kh * kw
                 continue
-        if n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear):
+        if n.op == "call_function" and n.target in _CONV | _LINEAR:
             w = an.consts.get(n.args[1]) if isinstance(n.args[1], fx.Node) else None
             if isinstance(w, torch.Tensor):
                 total += w.numel() * _spatial(n)
