@@ -16,20 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import repconv
+from repconv.blocks.common import randomize_bn_
 from repconv.graph.fuse import FuseInputError, fuse_with_report
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            c = m.running_mean.numel()
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.data.copy_(torch.randn(c, generator=gen) * 0.5)
-    return model.eval()
+    return randomize_bn_(model, seed).eval()
 
 
 def count(model: nn.Module, kind: type | tuple[type, ...]) -> int:

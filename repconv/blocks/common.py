@@ -155,7 +155,7 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
 
 
 def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine parameters (in place).
+    """Give every BatchNorm (and LayerNorm affine) non-trivial statistics and parameters (in place).
 
     Fresh BNs are the identity in eval mode (mean 0, var 1, gamma 1, beta 0), which would let a
     fusion that ignores BN pass its tests. Ranges are chosen so the scale gamma/sigma stays within
@@ -163,6 +163,12 @@ def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
     """
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:  # its affine folds too (MLP-Mixer)
+            with torch.no_grad():
+                m.weight.copy_(_uniform(m.weight.numel(), 0.5, 1.5, g).reshape(m.weight.shape))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+            continue
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
         n = m.num_features

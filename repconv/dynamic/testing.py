@@ -11,27 +11,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from repconv.blocks.common import randomize_bn_ as randomize_bn
+
 __all__ = ["assert_deploy_matches", "assert_onnx_matches", "export_dynamic_onnx", "max_rel_err", "ort_session",
            "randomize_bn"]
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running stats and affine, so folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-    return model
 
 
 def max_rel_err(ref: Tensor | np.ndarray, got: Tensor | np.ndarray) -> float:
