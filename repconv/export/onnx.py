@@ -55,6 +55,7 @@ import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
 from repconv.dynamic._common import onnx_static_batch
 from repconv.export import involution_onnx as inv_onnx
 from repconv.export.patterns import InvolutionMatch, rewrite_involutions
+from repconv.util import eval_mode, first_line
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -199,24 +200,6 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line[:limit]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode, then restore every submodule's own training flag (the caller's model)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
-
-
 @contextlib.contextmanager
 def _quiet_native_output() -> Iterator[None]:
     """Silence C++ writes to fds 1 and 2 while the TorchScript exporter / onnxsim run.
@@ -256,7 +239,7 @@ def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch
             out = model(*_fresh(inputs))
     except Exception as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ExportError(f"the model fails on input {shapes}: {_first_line(e)}") from None
+        raise ExportError(f"the model fails on input {shapes}: {first_line(e)}") from None
     flat = _flatten(out)
     if not flat:
         raise ExportError("the model returns no tensors")
@@ -289,7 +272,7 @@ def _fuse(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRepo
         fused, fuse_report = fuse_with_report(model, _fresh(inputs), verify=True, rtol=rtol, atol=atol)
     except Exception as e:
         _raise_if_verification(e)
-        report.fuse_note = f"fusion skipped: {_first_line(e, 200)}"
+        report.fuse_note = f"fusion skipped: {first_line(e, 200)}"
         return model
     for r in fuse_report.to_dict()["regions"]:
         report.fused.append(f"{r['block'] or '<model>'}: {r['kind']} -> {r['result']}")
@@ -304,7 +287,7 @@ def _raise_if_verification(e: Exception) -> None:
     except ImportError:
         return
     if isinstance(e, VerificationError):
-        raise ExportCheckError(f"fusion changed the model's outputs: {_first_line(e)}") from e
+        raise ExportCheckError(f"fusion changed the model's outputs: {first_line(e)}") from e
 
 
 _OP_RE = re.compile(r"operator '([^']+)'")
@@ -360,7 +343,7 @@ def _torch_export(
                     custom_opsets={inv_onnx.DOMAIN: inv_onnx.DOMAIN_VERSION}, do_constant_folding=True,
                 )
         except Exception as e:
-            msg = _first_line(e)
+            msg = first_line(e)
             m = _OP_RE.search(msg)
             if m:
                 op = m.group(1)
@@ -414,7 +397,7 @@ def _simplify(model: onnx.ModelProto, report: ExportReport) -> onnx.ModelProto:
             simplified, _ = onnxsim.simplify(copy.deepcopy(model), check_n=0, inline_functions=False,
                                              certify=False)
     except Exception as e:
-        report.simplify_note = f"onnxsim failed, kept the unsimplified model: {_first_line(e, 160)}"
+        report.simplify_note = f"onnxsim failed, kept the unsimplified model: {first_line(e, 160)}"
         return model
     if count_custom_nodes(simplified) != before:
         report.simplify_note = "onnxsim changed the Involution nodes; kept the unsimplified model"
@@ -428,7 +411,7 @@ def _validate(model: onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(model, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as e:
-        raise ExportCheckError(f"the exported model is not valid ONNX: {_first_line(e)}") from None
+        raise ExportCheckError(f"the exported model is not valid ONNX: {first_line(e)}") from None
     return inferred
 
 
@@ -504,7 +487,7 @@ def _check_ort(model: onnx.ModelProto, cases: list[tuple[tuple[torch.Tensor, ...
             try:
                 got, used = _ort_outputs(data, feeds, opts, profile=label == "native")
             except Exception as e:
-                raise ExportCheckError(f"ONNX Runtime ({label}) cannot run the model: {_first_line(e)}",
+                raise ExportCheckError(f"ONNX Runtime ({label}) cannot run the model: {first_line(e)}",
                                        report.checks) from None
             max_abs, max_rel, ok = _compare(ref, got, rtol, atol)
             report.checks.append(OrtCheck(label, int(inputs[0].shape[0]), max_abs, max_rel, ok, used))
@@ -560,7 +543,7 @@ def export_onnx_with_report(
         raise ExportError("export runs on the CPU: move the model and example inputs to the CPU first")
     report = ExportReport(path=target, opset=opset)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         ref = _reference(model, inputs)
         cases = [(inputs, ref)]
         if dynamic_batch:

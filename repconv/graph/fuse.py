@@ -6,7 +6,7 @@ import contextlib
 import copy
 import io
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from repconv import verification
 from repconv.algebra import ConvKernel
 from repconv.io import ModelLoadError, infer_input_shape
+from repconv.util import eval_mode, first_line
 from repconv.verification import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -80,7 +81,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     report.input_shapes = [list(t.shape) for t in inputs]
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         # dynamic operators (CondConv, PSConv, ...) first take their inference form
         from repconv.dynamic import deploy_rewrites
 
@@ -103,7 +104,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         checks = [inputs] + [tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
                                    if t.is_floating_point() else t for t in inputs) for _ in range(2)]
         checks += [as_tuple(s) for s in samples]
-        with _eval_mode(model):
+        with eval_mode(model):
             result = verification.verify(model, fused, checks, rtol=rtol, atol=atol)
             if not result.ok:
                 result.first_divergence = _first_divergence(model, fused, inputs, rtol, atol)
@@ -131,8 +132,7 @@ def _from_torchscript(model: torch.jit.ScriptModule, inputs: tuple[torch.Tensor,
             warnings.simplefilter("ignore")
             gm = TS2EPConverter(model, inputs).convert().module()
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise FuseInputError(f"cannot convert the TorchScript model to a graph: {first}") from None
+        raise FuseInputError(f"cannot convert the TorchScript model to a graph: {first_line(e)}") from None
     finally:
         export_log.setLevel(level)
     for node in list(gm.graph.nodes):  # export's input guards: checks only, and not scriptable
@@ -416,8 +416,7 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             expected = f"; its first layer expects {_expected_dims(model)}"
         except ModelLoadError:
             expected = ""
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise FuseInputError(f"model does not accept input {shapes}{expected} ({first})") from None
+        raise FuseInputError(f"model does not accept input {shapes}{expected} ({first_line(e)})") from None
 
 
 def _expected_dims(model: nn.Module) -> str:
@@ -427,18 +426,6 @@ def _expected_dims(model: nn.Module) -> str:
     if len(shape) == 3:
         return f"(N, C={shape[1]}, L)"
     return f"(N, {shape[1]} features)"
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and restore every submodule's train flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 class _Recorder(fx.Interpreter):
