@@ -308,3 +308,33 @@ def test_public_api_names_survive_submodule_imports() -> None:
 
     for name in ("fuse", "verify", "export_onnx", "load_model"):
         assert callable(getattr(repconv, name)), name
+
+
+class ConvNeXtStyle(nn.Module):
+    """timm/ConvNeXt-style channels-last block: LayerNorm and Linear on a rank-4 tensor, layer scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
+def test_channels_last_layernorm_and_layer_scale_fold_into_linears() -> None:
+    model = randomize_bn(ConvNeXtStyle(16))
+    x = torch.randn(2, 16, 9, 9)
+    fused, report = fuse_with_report(model, x)
+    norms = [m for m in fused.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 1 and not norms[0].elementwise_affine  # its affine went into pwconv1
+    assert count(fused, nn.Linear) == 2
+    assert "mul" not in fused.code  # layer scale folded into pwconv2
+    assert len(report.regions) == 2
+    assert max_rel(fused(x), model(x)) < 1e-5

@@ -29,7 +29,8 @@ class Affine:
     kernel: ConvKernel | LinearKernel | None = None
     sources: frozenset[fx.Node] = frozenset()
     rank: int = 4
-    channels: int = 0  # channels of the root (dim 1 for rank 4, last dim otherwise)
+    channels: int = 0  # the root's dim 1 (image channels)
+    features: int = 0  # the root's last dim (what nn.Linear / LayerNorm act on)
     # Borders written as zero by F.pad although the affine formula says "bias"; cleared by the
     # slice assignments that BN-and-pad layers perform. Non-empty means not a valid conv yet.
     border_debt: frozenset[str] = frozenset()
@@ -50,17 +51,18 @@ class Affine:
 
     @property
     def is_conv(self) -> bool:
+        """Can be read as a conv over dim 1 (an image conv, or the identity of an image)."""
         return isinstance(self.kernel, ConvKernel) or (self.kernel is None and self.rank == 4)
 
     @property
     def is_linear(self) -> bool:
-        """Acts on the last dim (FC layers); rank-2 and rank-3 tensors only."""
-        return isinstance(self.kernel, LinearKernel) or (self.kernel is None and self.rank in (2, 3))
+        """Can be read as a map of the last dim (FC layers, channels-last blocks), any rank >= 2."""
+        return isinstance(self.kernel, LinearKernel) or self.kernel is None
 
     @property
     def out_channels(self) -> int:
         if self.kernel is None:
-            return self.channels
+            return self.channels if self.rank == 4 else self.features
         return int(self.kernel.weight.shape[0])
 
     @property
@@ -77,11 +79,11 @@ class Affine:
     def linear(self) -> LinearKernel:
         if isinstance(self.kernel, LinearKernel):
             return self.kernel
-        if self.kernel is None and self.rank in (2, 3):
-            if self.channels > MAX_DENSE_FEATURES:
-                raise FusionRefused(f"identity on {self.channels} features is too large to densify")
-            eye = torch.eye(self.channels, dtype=torch.float64)
-            return LinearKernel(eye, torch.zeros(self.channels, dtype=torch.float64))
+        if self.kernel is None:
+            if self.features > MAX_DENSE_FEATURES:
+                raise FusionRefused(f"identity on {self.features} features is too large to densify")
+            eye = torch.eye(self.features, dtype=torch.float64)
+            return LinearKernel(eye, torch.zeros(self.features, dtype=torch.float64))
         raise FusionRefused("value is not a linear map")
 
     def extend(self, node: fx.Node, kernel: ConvKernel | LinearKernel, **kw: object) -> Affine:
@@ -93,9 +95,7 @@ def identity_of(node: fx.Node) -> Affine | None:
     shape = getattr(meta, "shape", None)
     if shape is None or len(shape) < 2:
         return None
-    rank = len(shape)
-    channels = int(shape[1]) if rank == 4 else int(shape[-1])
-    return Affine(root=node, rank=rank, channels=channels)
+    return Affine(root=node, rank=len(shape), channels=int(shape[1]), features=int(shape[-1]))
 
 
 def _check_exact(v: Affine) -> None:
@@ -128,23 +128,26 @@ def through_channel_affine(node: fx.Node, v: Affine, scale: Tensor, shift: Tenso
     """BN, scalar / per-channel scale and shift. ``axis`` is where the op's channels live: "dim1"
     (BatchNorm, (C,1,1) constants), "last" (LayerNorm affine, (F,) constants) or "any" (scalars)."""
     _check_exact(v)
-    c = v.out_channels
+    if isinstance(v.kernel, ConvKernel):
+        conv_mode = True
+    elif isinstance(v.kernel, LinearKernel):
+        conv_mode = False
+    else:  # the identity: the op's axis decides how the value is read
+        conv_mode = v.rank == 4 and axis != "last"
+    if conv_mode and axis == "last" or not conv_mode and axis == "dim1" and v.rank != 2:
+        raise FusionRefused("affine acts on a different axis than the preceding layer")
+    c = (v.channels if conv_mode else v.features) if v.is_identity else v.out_channels
     scale = scale.to(torch.float64).reshape(-1).expand(c) if scale.numel() == 1 else scale.to(torch.float64)
     shift = shift.to(torch.float64).reshape(-1).expand(c) if shift.numel() == 1 else shift.to(torch.float64)
     if scale.numel() != c or shift.numel() != c:
         raise FusionRefused("per-channel constant does not match the channel count")
-    if v.is_conv and axis == "last" or v.is_linear and axis == "dim1" and v.rank != 2:
-        raise FusionRefused("affine acts on a different axis than the preceding layer")
-    if not (v.is_conv or v.is_linear):
-        raise FusionRefused("affine on a tensor of unsupported rank")
-    if v.is_conv:
+    if conv_mode:
         if v.is_identity:
-            c = scale.numel()
             k = ConvKernel(scale.reshape(c, 1, 1, 1).clone(), shift.clone(), A.ConvGeometry(groups=c))
             return v.extend(node, k)
         return v.extend(node, A.conv_then_affine(v.conv(), scale, shift))
     if v.is_identity:
-        if scale.numel() > MAX_DENSE_FEATURES:
+        if c > MAX_DENSE_FEATURES:
             raise FusionRefused("feature affine too large to densify")
         return v.extend(node, LinearKernel(torch.diag(scale), shift.clone()))
     return v.extend(node, A.linear_then_affine(v.linear(), scale, shift))
@@ -153,7 +156,7 @@ def through_channel_affine(node: fx.Node, v: Affine, scale: Tensor, shift: Tenso
 def through_linear(node: fx.Node, v: Affine, k: LinearKernel) -> Affine:
     _check_exact(v)
     if not v.is_linear:
-        raise FusionRefused("linear applied to a conv value or a tensor of rank > 3")
+        raise FusionRefused("linear (last dim) applied to a conv value (dim 1)")
     if v.is_identity:
         return v.extend(node, k)
     first = v.linear()
@@ -163,45 +166,59 @@ def through_linear(node: fx.Node, v: Affine, k: LinearKernel) -> Affine:
     return v.extend(node, fused)
 
 
+def _conv_mode(values: list[Affine], conv_axis: bool) -> bool:
+    """Conv (dim 1) or linear (last dim) reading for a merge; identities follow the others."""
+    if any(isinstance(v.kernel, ConvKernel) for v in values):
+        if any(isinstance(v.kernel, LinearKernel) for v in values):
+            raise FusionRefused("merging a conv value with a linear one")
+        return True
+    if any(isinstance(v.kernel, LinearKernel) for v in values):
+        return False
+    return conv_axis
+
+
 def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affine:
     roots = {v.root for v in values}
     if len(roots) != 1:
         raise FusionRefused("branches start from different tensors")
     for v in values:
         _check_exact(v)
-    first = values[0]
-    if all(v.is_conv for v in values):
+    if _conv_mode(values, values[0].rank == 4):
+        if not all(v.is_conv for v in values):
+            raise FusionRefused("adding values of different kinds")
         ks = [v.conv() for v in values]
         ks = [k if s == 1 else ConvKernel(k.weight * s, k.bias * s, k.geom) for k, s in zip(ks, signs, strict=True)]
         kernel: ConvKernel | LinearKernel = A.add(ks)
-    elif all(v.is_linear and v.rank == first.rank for v in values):
+    else:
         ls = [v.linear() for v in values]
         kernel = LinearKernel(sum(s * k.weight for k, s in zip(ls, signs, strict=True)),
                               sum(s * k.bias for k, s in zip(ls, signs, strict=True)))
-    else:
-        raise FusionRefused("adding values of different kinds")
     return _merged(node, values, kernel, _grows(kernel, values))
 
 
-def through_concat(node: fx.Node, values: list[Affine]) -> Affine:
+def through_concat(node: fx.Node, values: list[Affine], dim: int) -> Affine:
+    """torch.cat of branches: along dim 1 of images (conv) or along the last dim (linear)."""
     roots = {v.root for v in values}
     if len(roots) != 1:
         raise FusionRefused("concatenated branches start from different tensors")
     for v in values:
         _check_exact(v)
-    if all(v.is_conv for v in values):
+    rank = values[0].rank
+    along_channels = rank == 4 and dim in (1, -3)
+    along_last = dim in (-1, rank - 1)
+    if along_channels and _conv_mode(values, True) and all(v.is_conv for v in values):
         kernel: ConvKernel | LinearKernel = A.concat([v.conv() for v in values])
-    elif all(v.is_linear for v in values):
+    elif along_last and not _conv_mode(values, False):
         ls = [v.linear() for v in values]
         kernel = LinearKernel(torch.cat([k.weight for k in ls]), torch.cat([k.bias for k in ls]))
     else:
-        raise FusionRefused("concatenating values of different kinds")
+        raise FusionRefused("concatenation along an axis the branches do not map")
     return _merged(node, values, kernel, _grows(kernel, values))
 
 
 def _grows(kernel: ConvKernel | LinearKernel, values: list[Affine]) -> bool:
     """A merge that costs more than its branches (PSConv's dilations in one sparse 9x9 kernel)."""
-    parts = sum(_macs(v.kernel) if v.kernel is not None else v.channels for v in values)
+    parts = sum(_macs(v.kernel) if v.kernel is not None else v.out_channels for v in values)
     return _macs(kernel) > parts
 
 

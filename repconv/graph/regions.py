@@ -215,7 +215,7 @@ class Analysis:
         if len(m.normalized_shape) != 1:
             raise NotAffine
         root = identity_of(node)
-        if root is None or root.rank not in (2, 3):
+        if root is None:
             raise NotAffine
         gamma = _f64(m.weight)
         beta = _f64(m.bias) if m.bias is not None else torch.zeros_like(gamma)
@@ -267,10 +267,7 @@ class Analysis:
             values = [get(t) for t in tensors] if all(isinstance(t, fx.Node) for t in tensors) else None
             if not values:
                 raise NotAffine
-            rank = values[0].rank
-            if values[0].is_conv and dim in (1, -3) or values[0].is_linear and dim in (-1, rank - 1):
-                return V.through_concat(node, values)
-            raise NotAffine
+            return V.through_concat(node, values, dim)
         if f in _PASS_FUNCS:
             training = self._arg(node, 2, "training", True) if f not in (torch.clone, aten.clone.default) else False
             if training:
