@@ -126,7 +126,9 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Inputs | 
     samples = _samples(example_inputs)
     stats: list[OutputStats] = []
     for sample in samples:
-        stats = _merge(stats, compare_outputs(reference(*sample), candidate(*sample)))
+        # fresh copies per model: a model may modify its input in place (ReLU(inplace=True) on it)
+        ref = reference(*(t.clone() for t in sample))
+        stats = _merge(stats, compare_outputs(ref, candidate(*(t.clone() for t in sample))))
     return VerifyReport(stats, rtol, atol, len(samples))
 
 

@@ -338,3 +338,23 @@ def test_channels_last_layernorm_and_layer_scale_fold_into_linears() -> None:
     assert "mul" not in fused.code  # layer scale folded into pwconv2
     assert len(report.regions) == 2
     assert max_rel(fused(x), model(x)) < 1e-5
+
+
+def test_in_place_op_on_root_after_region_starts() -> None:
+    """The fused conv reads its input where the region began, before a later in-place ReLU on it."""
+
+    class Mutating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            z = self.relu(x)  # mutates x in place after the conv has read it
+            return self.bn(y) + z
+
+    model = randomize_bn(Mutating())
+    x = torch.randn(2, 4, 8, 8)
+    fused = repconv.fuse(model, x.clone())
+    assert count(fused, nn.BatchNorm2d) == 0
+    assert max_rel(fused(x.clone()), model(x.clone())) < 1e-5

@@ -77,7 +77,8 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         raise FuseInputError(f"expected an nn.Module, got {type(model).__name__}")
     _check_finite(model)
     report = FuseReport()
-    inputs = _example_inputs(model, example_inputs, seed)
+    # a copy: the pass runs the model, which may modify its input in place
+    inputs = tuple(t.clone() for t in _example_inputs(model, example_inputs, seed))
     report.input_shapes = [list(t.shape) for t in inputs]
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
@@ -181,7 +182,7 @@ def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: 
     for name, child in work.named_children():
         def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
             if name not in captured and all(isinstance(a, torch.Tensor) for a in args):
-                captured[name] = tuple(a.detach() for a in args)
+                captured[name] = tuple(a.detach().clone() for a in args)
         hooks.append(child.register_forward_pre_hook(hook))
     try:
         _check_runs(work, inputs)
@@ -204,6 +205,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     removable_setitems: set[fx.Node] = set()
     taken: set[str] = set(modules)
     renames: list[tuple[fx.Node, str]] = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in region_outputs(an):
         v = an.values[node]
         computed_weight = node.op == "call_function" and node in v.sources  # F.conv2d(x, f(params)): bake it
@@ -224,7 +226,10 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         gm.add_submodule(region.target, new_mod)
         for fix in v.root_fixes:
             fix(gm)
-        with gm.graph.inserting_before(node):
+        # computed where the region's first op ran: an in-place op on the root after that point
+        # (a later ReLU(inplace=True)) must not leak into the fused conv's input
+        first = min(v.sources, key=order.__getitem__)
+        with gm.graph.inserting_before(first):
             new = gm.graph.call_module(region.target, (v.root,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
@@ -452,7 +457,7 @@ def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Te
             captured: list[tuple] = []
             h = child.register_forward_pre_hook(lambda _m, a, c=captured: c.append(a) if not c else None)
             try:
-                model(*inputs)
+                model(*(t.clone() for t in inputs))
             finally:
                 h.remove()
             if captured and not verification.verify(child, sub, captured[0], rtol=rtol, atol=atol).ok:
@@ -464,8 +469,8 @@ def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Te
     except Exception:
         return None
     a, b = _Recorder(orig), _Recorder(fused)
-    a.run(*inputs)
-    b.run(*inputs)
+    a.run(*(t.clone() for t in inputs))
+    b.run(*(t.clone() for t in inputs))
     replaced = fused.meta.get("repconv_replaced", {})
     fused_out = {replaced.get(k, k): t for k, t in b.outputs.items()}
     for node in orig.graph.nodes:
