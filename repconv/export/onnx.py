@@ -263,9 +263,6 @@ def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def _fuse(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport, rtol: float,
           atol: float) -> nn.Module:
     """Run repconv's fusion pass; a model it cannot handle is exported unfused (with a note)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        report.fuse_note = "TorchScript module: exported as is"
-        return model
     from repconv.graph.fuse import fuse_with_report
 
     try:
