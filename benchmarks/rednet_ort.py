@@ -55,7 +55,7 @@ def _calibrate(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 
 
 def _session(path: Path, threads: int, native: bool) -> ort.InferenceSession:
-    so = runtime.session_options(native=native, intra_op_num_threads=threads, inter_op_num_threads=1,
+    so = runtime.session_options(native=native, spinning=False, intra_op_num_threads=threads, inter_op_num_threads=1,
                                  graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
