@@ -173,9 +173,10 @@ def _export(module: nn.Module, x: torch.Tensor, dynamic: bool) -> bytes:
 def _session(data: bytes, threads: int):  # noqa: ANN202
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    from repconv.runtime import session_options
+
+    # no spinning: reference and deploy sessions alternate, idle spinning workers would steal cores
+    opts = session_options(spinning=False, intra_op_num_threads=threads, inter_op_num_threads=1)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
