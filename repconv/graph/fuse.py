@@ -216,11 +216,8 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         region.ops = [_op_name(n, modules) for n in _ordered(gm, v.sources)]
         region.block = _join(prefix, _block_of(v.sources, modules))
         region.params_before = _params_of(v.sources, modules, consts)
-        dtype, device = _dtype_device(node, v.sources, modules, consts)
-        if isinstance(v.kernel, ConvKernel):
-            new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
-        else:
-            new_mod = v.kernel.to_module(dtype=dtype, device=device)
+        dtype, device = _dtype_device(node, v.sources, modules)
+        new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
         region.params_after = sum(p.numel() for p in new_mod.parameters())
         region.target = _unique(_block_of(v.sources, modules), taken)
         gm.add_submodule(region.target, new_mod)
@@ -342,8 +339,8 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _dtype_device(node: fx.Node, sources: frozenset[fx.Node], modules: dict[str, nn.Module],
-                  consts: dict[fx.Node, Any]) -> tuple[torch.dtype, torch.device]:
+def _dtype_device(node: fx.Node, sources: frozenset[fx.Node],
+                  modules: dict[str, nn.Module]) -> tuple[torch.dtype, torch.device]:
     meta = node.meta.get("tensor_meta")
     dtype = getattr(meta, "dtype", torch.float32)
     for n in sources:
