@@ -216,7 +216,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         region.ops = [_op_name(n, modules) for n in _ordered(gm, v.sources)]
         region.block = _join(prefix, _block_of(v.sources, modules))
         region.params_before = _params_of(v.sources, modules, consts)
-        dtype, device = _dtype_device(node, v.sources, modules)
+        dtype, device = _dtype_device(node, v.sources, modules, consts)
         new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
         region.params_after = sum(p.numel() for p in new_mod.parameters())
         region.target = _unique(_block_of(v.sources, modules), taken)
@@ -339,14 +339,17 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _dtype_device(node: fx.Node, sources: frozenset[fx.Node],
-                  modules: dict[str, nn.Module]) -> tuple[torch.dtype, torch.device]:
-    meta = node.meta.get("tensor_meta")
-    dtype = getattr(meta, "dtype", torch.float32)
+def _dtype_device(node: fx.Node, sources: frozenset[fx.Node], modules: dict[str, nn.Module],
+                  consts: dict[fx.Node, Any]) -> tuple[torch.dtype, torch.device]:
+    """The region output's dtype, and the device its parameters live on."""
+    dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float32)
     for n in sources:
         if n.op == "call_module":
             for p in modules[n.target].parameters():
                 return dtype, p.device
+        for a in _inputs(n):  # functional ops: weights come from constant-folded parameters
+            if isinstance(consts.get(a), torch.Tensor):
+                return dtype, consts[a].device
     return dtype, torch.device("cpu")
 
 
