@@ -358,3 +358,14 @@ def test_in_place_op_on_root_after_region_starts() -> None:
     fused = repconv.fuse(model, x.clone())
     assert count(fused, nn.BatchNorm2d) == 0
     assert max_rel(fused(x.clone()), model(x.clone())) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_fuse_in_their_dtype(dtype: torch.dtype) -> None:
+    """The fold runs in fp64 and is cast to the model's dtype; the check allows that dtype's ulps."""
+    model = randomize_bn(RepVGGStyle(8)).to(dtype)
+    x = torch.randn(2, 8, 10, 10, dtype=dtype)
+    fused, report = fuse_with_report(model, x)
+    assert next(fused.parameters()).dtype == dtype
+    assert report.verification.ok
+    assert max_rel(fused(x).double(), model.double()(x.double())) < (1e-10 if dtype == torch.float64 else 2e-2)

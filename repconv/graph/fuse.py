@@ -478,6 +478,6 @@ def _first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Te
         if ra is None or rb is None or ra.shape != rb.shape:
             continue
         stats = compare_outputs(ra, rb)[0]
-        if not stats.finite or stats.max_abs > atol + rtol * stats.ref_max:
+        if not stats.finite or stats.max_abs > atol + max(rtol, stats.rtol_floor) * stats.ref_max:
             return module_path(node)
     return None
