@@ -21,6 +21,10 @@ from repconv.algebra import ConvKernel, FusionRefused, LinearKernel
 MAX_DENSE_FEATURES = 8192
 
 
+class DifferentRoots(FusionRefused):
+    """A merge of tensors that come from different inputs (a residual add): not a linear region."""
+
+
 @dataclass
 class Affine:
     """value = kernel(root). ``kernel is None`` means the identity (root itself)."""
@@ -180,7 +184,7 @@ def _conv_mode(values: list[Affine], conv_axis: bool) -> bool:
 def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affine:
     roots = {v.root for v in values}
     if len(roots) != 1:
-        raise FusionRefused("branches start from different tensors")
+        raise DifferentRoots("branches start from different tensors")
     for v in values:
         _check_exact(v)
     if _conv_mode(values, values[0].rank == 4):
@@ -200,7 +204,7 @@ def through_concat(node: fx.Node, values: list[Affine], dim: int) -> Affine:
     """torch.cat of branches: along dim 1 of images (conv) or along the last dim (linear)."""
     roots = {v.root for v in values}
     if len(roots) != 1:
-        raise FusionRefused("concatenated branches start from different tensors")
+        raise DifferentRoots("concatenated branches start from different tensors")
     for v in values:
         _check_exact(v)
     rank = values[0].rank

@@ -141,7 +141,7 @@ class Analysis:
 
             try:
                 result = self._transfer(node, get)
-            except NotAffine:
+            except (NotAffine, V.DifferentRoots):  # nothing to report: an ordinary op or residual add
                 return identity_of(node)
             except FusionRefused as e:
                 if not fresh:
