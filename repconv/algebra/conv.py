@@ -314,6 +314,24 @@ def identity(channels: int, groups: int | None = None, kernel_size: Pair = (1, 1
                       ConvGeometry(padding=(kh // 2, kw // 2), groups=groups))
 
 
+def crop(channels: int, rows: int, cols: int, dtype: torch.dtype = torch.float64) -> ConvKernel:
+    """``x[:, :, rows:-rows, cols:-cols]`` as a depthwise identity conv without padding (ACNet's
+    crop layer for its Kx1 / 1xK branches when padding < K // 2)."""
+    k = identity(channels, kernel_size=(2 * rows + 1, 2 * cols + 1), dtype=dtype)
+    return ConvKernel(k.weight, k.bias, replace(k.geom, padding=(0, 0)))
+
+
+def _crop_of(k: ConvKernel) -> Pair | None:
+    """(rows, cols) when ``k`` is exactly :func:`crop` of its channels, else None."""
+    g, (kh, kw) = k.geom, k.kernel_size
+    if (g.groups != k.out_channels or k.weight.shape[1] != 1 or g.stride != (1, 1) or g.padding != (0, 0)
+            or g.dilation != (1, 1) or kh % 2 == 0 or kw % 2 == 0 or bool((k.bias != 0).any())):
+        return None
+    if not torch.equal(k.weight, crop(k.out_channels, kh // 2, kw // 2, dtype=k.weight.dtype).weight):
+        return None
+    return (kh // 2, kw // 2)
+
+
 def avg_pool(channels: int, kernel_size: int | Pair, stride: int | Pair | None = None,
              padding: int | Pair = 0, *, count_include_pad: bool = True, ceil_mode: bool = False,
              divisor_override: int | None = None, dtype: torch.dtype = torch.float64) -> ConvKernel:
@@ -354,6 +372,9 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     """
     if first.out_channels != second.in_channels:
         raise FusionRefused("channel mismatch between composed convs")
+    cropped = _compose_crop(first, second)
+    if cropped is not None:
+        return cropped
     g = math.gcd(first.geom.groups, second.geom.groups)
     a, b = to_groups(first, g), to_groups(second, g)
     if b.is_pointwise and b.geom.padding == (0, 0):
@@ -383,6 +404,29 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
         return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g))
     raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
                         f"{second.kernel_size} conv exactly")
+
+
+def _compose_crop(first: ConvKernel, second: ConvKernel) -> ConvKernel | None:
+    """A crop before or after a conv. Crop then conv: the conv's kernel grows by the cropped border
+    (exact when it does not zero-pad, or dilate, the cropped dims). Conv then crop: the conv pads
+    less (exact while its padding covers the crop)."""
+    if first.is_pointwise and first.geom.padding == (0, 0) or second.is_pointwise and second.geom.padding == (0, 0):
+        return None  # a channel mix: the general rules below are exact
+    rc = _crop_of(first)
+    if rc is not None:
+        g = second.geom
+        if any(c and (p or d != 1) for c, p, d in zip(rc, g.padding, g.dilation, strict=True)):
+            raise FusionRefused("crop before a conv that zero-pads or dilates the cropped dims")
+        r, c = rc
+        return ConvKernel(F.pad(second.weight, (c, c, r, r)), second.bias, g)
+    rc = _crop_of(second)
+    if rc is not None:
+        g = first.geom
+        pad = (g.padding[0] - rc[0] * g.stride[0], g.padding[1] - rc[1] * g.stride[1])
+        if min(pad) < 0:
+            raise FusionRefused("crop of more than a conv's padding")
+        return ConvKernel(first.weight, first.bias, replace(g, padding=pad))
+    return None
 
 
 def scale_and_shift_of_constant(channels: int, scale: float, shift: float,

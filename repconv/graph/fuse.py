@@ -29,7 +29,7 @@ from repconv.verification import (
     compare_outputs,
 )
 
-from .regions import Analysis, Refusal, Region, analyze, region_outputs
+from .regions import CONV_FUNCTIONS, LINEAR_FUNCTIONS, Analysis, Refusal, Region, analyze, region_outputs
 from .tracing import fold_constants, module_path, trace
 
 
@@ -174,27 +174,44 @@ def _self_reparameterize(model: nn.Module, owned: bool, report: FuseReport) -> n
 
 
 def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
-    # a shell sharing the children, so replacing them leaves the user's module alone
-    work = copy.copy(module)
-    work._modules = dict(module._modules)
-    captured: dict[str, tuple[torch.Tensor, ...]] = {}
+    # a shell sharing the children, so replacing them leaves the user's module alone; containers
+    # (ModuleList / ModuleDict: never called themselves) are shelled too and their items fused
+    work = _shell(module)
+    targets: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent shell, name, child, path)
+
+    def collect(parent: nn.Module, path: str) -> None:
+        for name, child in list(parent.named_children()):
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(child, nn.ModuleList | nn.ModuleDict):
+                shell = _shell(child)
+                setattr(parent, name, shell)
+                collect(shell, child_path)
+            elif list(child.children()) or not type(child).__module__.startswith("torch.nn"):
+                targets.append((parent, name, child, child_path))  # built-in leaves: nothing to fuse
+
+    collect(work, prefix)
+    captured: dict[int, tuple[torch.Tensor, ...]] = {}
     hooks = []
-    for name, child in work.named_children():
-        def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-            if name not in captured and all(isinstance(a, torch.Tensor) for a in args):
-                captured[name] = tuple(a.detach().clone() for a in args)
+    for i, (_, _, child, _) in enumerate(targets):
+        def hook(_m: nn.Module, args: tuple, i: int = i) -> None:
+            if i not in captured and all(isinstance(a, torch.Tensor) for a in args):
+                captured[i] = tuple(a.detach().clone() for a in args)
         hooks.append(child.register_forward_pre_hook(hook))
     try:
         _check_runs(work, inputs)
     finally:
         for h in hooks:
             h.remove()
-    for name, child in list(work.named_children()):
-        if name not in captured or not any(True for _ in child.modules()):
-            continue
-        path = f"{prefix}.{name}" if prefix else name
-        setattr(work, name, _fuse_module(child, captured[name], report, path))
+    for i, (parent, name, child, path) in enumerate(targets):
+        if i in captured:
+            setattr(parent, name, _fuse_module(child, captured[i], report, path))
     return work
+
+
+def _shell(module: nn.Module) -> nn.Module:
+    shell = copy.copy(module)
+    shell._modules = dict(module._modules)
+    return shell
 
 
 def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.GraphModule:
@@ -206,9 +223,15 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     taken: set[str] = set(modules)
     renames: list[tuple[fx.Node, str]] = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # a region's root may itself be an earlier region's output (conv+BN feeding several branches):
+    # read the replacement, never the original node (it would stay alive, its BN-and-pad border
+    # fills already erased)
+    replaced: dict[fx.Node, fx.Node] = {}
     for node in region_outputs(an):
         v = an.values[node]
-        computed_weight = node.op == "call_function" and node in v.sources  # F.conv2d(x, f(params)): bake it
+        # F.conv2d(x, f(params)): bake it (a lone crop / pool / pad stays what it is)
+        computed_weight = (node.op == "call_function" and node in v.sources
+                           and node.target in CONV_FUNCTIONS | LINEAR_FUNCTIONS)
         if v.root is node or (v.sources <= {node} and not v.root_fixes and not computed_weight):
             _report_left(an, node, report, prefix)
             continue
@@ -227,12 +250,13 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         # (a later ReLU(inplace=True)) must not leak into the fused conv's input
         first = min(v.sources, key=order.__getitem__)
         with gm.graph.inserting_before(first):
-            new = gm.graph.call_module(region.target, (v.root,))
+            new = gm.graph.call_module(region.target, (replaced.get(v.root, v.root),))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
         for fill in [u for u in node.users if u in v.extra and u.target is operator.setitem]:
             gm.graph.erase_node(fill)  # border fills already folded into the new conv's padding
         node.replace_all_uses_with(new)
+        replaced[node] = new
         removable_setitems |= {n for n in v.extra if n.op == "call_function" and n.target is operator.setitem}
         report.regions.append(region)
     for node, reason in an.refusals.items():

@@ -61,8 +61,8 @@ _MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar
 _DIV = {operator.truediv, operator.itruediv, torch.div, aten.div.Tensor, aten.div.Scalar}
 _CAT = {torch.cat, torch.concat, aten.cat.default}
 _PASS_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, torch.clone, aten.dropout.default, aten.clone.default}
-_CONV = {F.conv2d, torch.conv2d, aten.conv2d.default}
-_LINEAR = {F.linear, aten.linear.default}
+CONV_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
+LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
 _AVG_POOL = {F.avg_pool2d, aten.avg_pool2d.default}
 _PASS_METHODS = {"contiguous", "clone"}
 _BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -100,6 +100,7 @@ class Analysis:
         self.gm = gm
         self.consts = consts
         self.forced = forced
+        self.invalidated: set[fx.Node] = set()  # forced during this run by a slice assignment
         self.modules = dict(gm.named_modules())
         self.values: dict[fx.Node, Affine | None] = {}
         self.absorbed: dict[fx.Node, set[fx.Node]] = {}
@@ -163,12 +164,27 @@ class Analysis:
 
     # -- op dispatch ---------------------------------------------------------------------------
     def _const(self, x: Any) -> Any:
-        return self.consts[x] if isinstance(x, fx.Node) else x
+        if not isinstance(x, fx.Node):
+            return x
+        if x not in self.consts:  # computed from the input (CondConv's per-sample weight): opaque op
+            raise NotAffine
+        return self.consts[x]
 
     def _arg(self, node: fx.Node, i: int, name: str, default: Any = None) -> Any:
         if len(node.args) > i:
             return node.args[i]
         return node.kwargs.get(name, default)
+
+    def _static(self, node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+        """A geometry argument (kernel size, stride, padding) as a Python value. One computed from
+        the input's shape at run time (SE blocks: ``avg_pool2d(x, x.size(3))``) is not a constant
+        of the model: the op is then opaque."""
+        arg = self._arg(node, i, name, default)
+        found: list[fx.Node] = []
+        fx.node.map_arg(arg, lambda a: found.append(a) or a)
+        if any(a not in self.consts for a in found):
+            raise NotAffine
+        return fx.node.map_arg(arg, lambda a: self.consts[a])
 
     def _transfer(self, node: fx.Node, get: Callable[[fx.Node], Affine]) -> Affine | None:
         if node.op == "call_module":
@@ -273,16 +289,16 @@ class Analysis:
             if training:
                 raise NotAffine
             return V.passthrough(node, get(args[0]))
-        if f in _CONV:
+        if f in CONV_FUNCTIONS:
             x = args[0]
             w = self._const(self._arg(node, 1, "weight"))
             if not isinstance(x, fx.Node) or not isinstance(w, torch.Tensor):
                 raise NotAffine
-            k = _conv_kernel_of(w, self._const(self._arg(node, 2, "bias")), self._arg(node, 3, "stride", 1),
-                                self._arg(node, 4, "padding", 0), self._arg(node, 5, "dilation", 1),
-                                self._arg(node, 6, "groups", 1))
+            k = _conv_kernel_of(w, self._const(self._arg(node, 2, "bias")), self._static(node, 3, "stride", 1),
+                                self._static(node, 4, "padding", 0), self._static(node, 5, "dilation", 1),
+                                self._static(node, 6, "groups", 1))
             return V.through_conv(node, get(x), k)
-        if f in _LINEAR:
+        if f in LINEAR_FUNCTIONS:
             w = self._const(self._arg(node, 1, "weight"))
             if not isinstance(w, torch.Tensor):
                 raise NotAffine
@@ -303,12 +319,12 @@ class Analysis:
             return V.through_channel_affine(node, get(args[0]), scale, shift, axis="dim1")
         if f in _AVG_POOL:
             v = get(args[0])
-            k = self._arg(node, 1, "kernel_size")
-            stride = self._arg(node, 2, "stride", None) or k
-            pool = A.avg_pool(v.out_channels, k, stride, self._arg(node, 3, "padding", 0),
-                              ceil_mode=self._arg(node, 4, "ceil_mode", False),
-                              count_include_pad=self._arg(node, 5, "count_include_pad", True),
-                              divisor_override=self._arg(node, 6, "divisor_override", None))
+            k = self._static(node, 1, "kernel_size")
+            stride = self._static(node, 2, "stride", None) or k
+            pool = A.avg_pool(v.out_channels, k, stride, self._static(node, 3, "padding", 0),
+                              ceil_mode=self._static(node, 4, "ceil_mode", False),
+                              count_include_pad=self._static(node, 5, "count_include_pad", True),
+                              divisor_override=self._static(node, 6, "divisor_override", None))
             return V.through_conv(node, v, pool)
         if f in (F.pad, aten.pad.default, aten.constant_pad_nd.default):
             if f is aten.constant_pad_nd.default:
@@ -317,9 +333,15 @@ class Analysis:
                 mode, value = self._arg(node, 2, "mode", "constant"), self._arg(node, 3, "value", None)
             if mode != "constant" or value not in (None, 0, 0.0):
                 raise NotAffine
-            return self._zero_pad(node, get(args[0]), self._arg(node, 1, "pad"))
+            return self._zero_pad(node, get(args[0]), self._static(node, 1, "pad"))
         if f is operator.setitem:
             return self._setitem(node)
+        if f is operator.getitem and isinstance(args[0], fx.Node):
+            rc = _crop_index(args[1])
+            v = get(args[0]) if rc is not None else None
+            if v is None or v.rank != 4:
+                raise NotAffine
+            return V.through_conv(node, v, A.crop(v.out_channels, *rc))
         raise NotAffine
 
     def _setitem(self, node: fx.Node) -> None:
@@ -342,6 +364,7 @@ class Analysis:
             self.refusals[target] = reason
             # the mutated tensor can only be read as it is: treat it as a forced root
             self.forced.add(target)
+            self.invalidated.add(target)
             self.values[target] = identity_of(target)
 
     def _add(self, node: fx.Node, operands: list[Any], signs: list[float],
@@ -400,6 +423,25 @@ def _per_channel(c: Any, v: Affine) -> tuple[torch.Tensor, str]:
     raise NotAffine
 
 
+def _crop_index(index: Any) -> tuple[int, int] | None:
+    """``x[:, :, r:-r, c:-c]`` (either dim may be ``:``) as (r, c); anything else None."""
+    if not isinstance(index, tuple) or len(index) != 4 or not all(isinstance(s, slice) for s in index):
+        return None
+    full = slice(None, None, None)
+    if index[0] != full or index[1] != full:
+        return None
+    rc = []
+    for s in index[2:]:
+        if s == full:
+            rc.append(0)
+        elif (s.step in (None, 1) and isinstance(s.start, int) and isinstance(s.stop, int)
+              and s.start > 0 and s.stop == -s.start):
+            rc.append(s.start)
+        else:
+            return None
+    return (rc[0], rc[1]) if any(rc) else None
+
+
 def _border_side(index: Any, v: Affine | None) -> str | None:
     """Which padded border ``out[index]`` covers: top/bottom/left/right, or None."""
     if v is None or not v.border_debt or not isinstance(index, tuple) or len(index) != 4:
@@ -437,9 +479,15 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20) -> Analysis:
     """Propagate values, forcing multiply-used intermediate values to be materialized."""
     forced: set[fx.Node] = set()
+    # Slice assignments that could not be folded force their tensor for the next round only: the
+    # refusal may be an artefact of this round (a BN-and-pad fill compared with a bias composed
+    # through a root that is forced in the same round). Refused twice, the forcing is permanent.
+    last_invalid: set[fx.Node] = set()
+    seen_invalid: set[fx.Node] = set()
     for _ in range(max_rounds):
-        an = Analysis(gm, consts, set(forced)).run()
-        new = set(an.forced)
+        an = Analysis(gm, consts, forced | last_invalid).run()
+        new = set(forced) | (an.invalidated & seen_invalid)
+        seen_invalid |= an.invalidated
         for node, v in an.values.items():
             if v is None or v.is_identity or node in new:
                 continue
@@ -452,9 +500,9 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
             if v.expensive and region_macs(an, node) > original_macs(an, v.sources):
                 # cut before each composition / merge that grew the kernel: its inputs become roots
                 new |= {a for c in v.expensive for a in _tensor_inputs(c) if a not in an.consts}
-        if new == forced:
+        if new == forced and an.invalidated == last_invalid:
             return an
-        forced = new
+        forced, last_invalid = new, set(an.invalidated)
     return an
 
 
@@ -504,7 +552,7 @@ def original_macs(an: Analysis, sources: frozenset[fx.Node]) -> int:
                 kh, kw = A.conv._pair(m.kernel_size)
                 total += per_item * kh * kw
                 continue
-        if n.op == "call_function" and n.target in _CONV | _LINEAR:
+        if n.op == "call_function" and n.target in CONV_FUNCTIONS | LINEAR_FUNCTIONS:
             w = an.consts.get(n.args[1]) if isinstance(n.args[1], fx.Node) else None
             if isinstance(w, torch.Tensor):
                 total += w.numel() * _spatial(n)
