@@ -114,8 +114,9 @@ def _print_report(report: Any, out: str, example: torch.Tensor) -> None:
             console.print(f"  ... and {len(report.fused) - 12} more")
     elif report.fuse_note is None:
         console.print("fused: nothing to fuse")
-    if report.fuse_note:
-        console.print(f"[dim]fusion: {escape(report.fuse_note)}[/dim]")
+    if report.fuse_note:  # a skipped fusion means an unfused export: say it loudly
+        style = "yellow" if report.fuse_note.startswith("fusion skipped") else "dim"
+        console.print(f"[{style}]fusion: {escape(report.fuse_note)}[/{style}]")
     for m in report.involutions:
         console.print(f"recognised involution (unfold code) in {m.where or '<model>'}: K={m.kernel_size} "
                       f"stride={m.stride} dilation={m.dilation} groups={m.groups} -> ai.repconv::Involution")
