@@ -41,16 +41,18 @@ def timed(fn, *args) -> float:  # noqa: ANN001
 
 
 def latency(models: dict[str, nn.Module], x: torch.Tensor, reps: int, threads: int) -> dict[str, list[float]]:
-    """Interleave the models rep by rep so machine drift hits all of them alike."""
+    """Interleave the models rep by rep (rotating their order) so machine drift hits all alike."""
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():  # warm-up
             for _ in range(3):
                 m(x)
-        for _ in range(reps):
-            for name, m in models.items():
-                times[name].append(timed(m, x) * 1e3)
+        names = list(models)
+        for rep in range(reps):
+            # rotate the order each repetition so no model always runs right after the same one
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                times[name].append(timed(models[name], x) * 1e3)
     return times
 
 
