@@ -104,6 +104,8 @@ def load_model(spec: str | os.PathLike, *, weights: str | None = None, allow_pic
         return _load_factory(text, weights)
     if not path.exists():
         raise ModelLoadError(f"{text}: no such file (and not a 'package.module:factory' spec)")
+    if path.suffix.lower() == ".onnx":
+        raise ModelLoadError(f"{path} is an ONNX file: this needs the PyTorch model (repconv profile takes .onnx)")
     if weights:
         raise ModelLoadError("--weights goes with a 'package.module:factory' spec, not a model file")
     if path.is_file() and _is_torchscript(path):

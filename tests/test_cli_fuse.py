@@ -72,6 +72,7 @@ def test_torchscript_input_writes_torchscript(runner: CliRunner, tmp_path: Path)
 
 @pytest.mark.parametrize("args,needle", [
     (["fuse", "no/such/file.pt"], "no such file"),
+    (["fuse", "tests/cli_models.py"], "not a readable PyTorch file"),
     (["fuse", "tests.cli_models:missing"], "has no attribute"),
     (["fuse", "not_a_module_xyz:f"], "cannot import"),
     (["fuse", FACTORY, "--input-shape", "1,x,3"], "comma-separated"),
@@ -137,3 +138,10 @@ def test_real_subprocess(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_onnx_file_given_to_fuse(runner: CliRunner, tmp_path: Path) -> None:
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"\x08\x07")
+    res = runner.invoke(main, ["fuse", str(onnx_file)])
+    assert res.exit_code == 2 and "ONNX file" in res.output
