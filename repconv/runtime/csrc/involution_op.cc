@@ -12,12 +12,14 @@
 //    exception on the other side), never an abort.
 //  * Parallelism uses ORT's intra-op thread pool (KernelContext_ParallelFor), so the session's
 //    intra_op_num_threads is honoured; no OpenMP.
-//  * Work item = (n, g, band of up to 8 output rows). Per block of 8 channels, the input rows the
+//  * Work item = (n, g, band of up to 8 output rows). Per block of 16 channels, the input rows the
 //    band needs are copied once into a zero-padded scratch, de-interleaved by stride phase (so
-//    strided taps are contiguous too); then for every output row, 8 channels x one vector of
-//    outputs accumulate all K*K taps in registers, each kernel vector loaded once for the 8
-//    channels. No unfold buffer, no bounds checks in the hot loop. The hot loop is compiled for
-//    x86-64-v4 (AVX-512), -v3 (AVX2/FMA) and the portable baseline; the CPU picks at load time.
+//    strided taps are contiguous too); then tiles of 2 output rows (stride 1, dilation 1; else 1
+//    row) x C channels x one vector of outputs accumulate all K*K taps in registers: each kernel
+//    vector is loaded once for C channels and each input vector once for both rows (see Tile).
+//    No unfold buffer, no bounds checks in the hot loop, no software prefetch (measured slower:
+//    the prefetches stalled on fill buffers). The hot loop is compiled for x86-64-v4 (AVX-512),
+//    -v3 (AVX2/FMA) and the portable baseline; the CPU picks at load time.
 //  * The same kernel is exported as a plain C function (repconv_involution_f32) that repconv's
 //    PyTorch op calls through ctypes for CPU float32 tensors.
 
@@ -120,93 +122,142 @@ REPCONV_INLINE void Store(float* p, typename Vec<V>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// Per work item, for every active tap t: kr[t] = kernel row, xr[t] = scratch row of channel 0
-// shifted by the tap's offset; channel c's scratch is c*cstride floats further on.
-struct RowArgs {
-  float* const* out;  // output rows of the channels being computed
-  const float* const* kr;
-  const float* const* xr;
-  int64_t taps, cstride, wo;
+// One tile = up to R output rows x one vector of outputs x the channels of one scratch block.
+//
+// Loads, not FMAs, bound this op: a plain tap loop needs one kernel load per tap and one input load
+// per tap and channel. Two reuses cut that:
+//  * each kernel vector (per pixel, so it cannot live in a register) feeds C channels;
+//  * with stride 1 and dilation 1, output row r at tap row ky reads input row i = r + ky, so each
+//    input vector (row i, shift kx) is loaded once and feeds every output row r of the tile with
+//    0 <= i - r < K: (C + R) loads per R*C FMAs instead of (1 + C) per C.
+// R > 1 is used only for stride 1 / dilation 1; other geometries run R = 1 (any s, d).
+struct Tile {
+  float* y;             // output: channel 0 of the block, row oy0 (channel stride ystride)
+  const float* w;       // kernel: tap 0, row oy0 (tap stride plane, row stride wo)
+  const float* x;       // scratch: channel 0 of the block (channel stride cstride, row stride rstride)
+  const int64_t* xoff;  // scratch offset of tap column kx (phase and position, see BandTask)
+  const int64_t* rows;  // R == 1: scratch row offset of each active tap row ...
+  const int64_t* kys;   // ... and its ky
+  int64_t ystride, plane, cstride, rstride, wo, k;
+  int64_t i_lo, i_hi;   // R > 1: tile input rows [i_lo, i_hi) lie in the image; scratch row of i: row0 + i
+  int64_t row0, nky;
+  int cb;               // channels in the block
 };
 
-// out[c][at .. at+V) = sum_t kr[t][at..] * xr[t][c*cstride + at..] for CB channels starting at c0.
-// The CB accumulators stay in registers across all taps (CB independent FMA chains hide the FMA
-// latency) and each kernel vector is loaded once for CB channels.
-template <int CB, int V>
-REPCONV_INLINE void Block(const RowArgs& r, int c0, int64_t at) {
+template <int R, int C, int V>
+REPCONV_INLINE void Block(const Tile& t, int c0, int64_t at) {
   typedef typename Vec<V>::type vec;
-  vec acc[CB];
-  for (int c = 0; c < CB; ++c) acc[c] = vec{};
-  const int64_t xoff = c0 * r.cstride + at;
-  for (int64_t t = 0; t < r.taps; ++t) {
-    const vec k = Load<V>(r.kr[t] + at);
-    const float* xp = r.xr[t] + xoff;
-    for (int c = 0; c < CB; ++c) acc[c] += k * Load<V>(xp + c * r.cstride);
+  vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = vec{};
+  const float* const x = t.x + c0 * t.cstride + at;
+  const int64_t K = t.k, plane = t.plane;
+  if constexpr (R == 1) {
+    for (int64_t j = 0; j < t.nky; ++j) {
+      const float* xr = x + t.rows[j];
+      const float* kr = t.w + t.kys[j] * K * plane + at;
+      for (int64_t kx = 0; kx < K; ++kx, kr += plane) {
+        const vec kv = Load<V>(kr);
+        for (int c = 0; c < C; ++c) acc[0][c] += kv * Load<V>(xr + c * t.cstride + t.xoff[kx]);
+      }
+    }
+  } else {
+    for (int64_t i = t.i_lo; i < t.i_hi; ++i) {
+      const float* xr = x + (t.row0 + i) * t.rstride;
+      // Kernel of (row r, tap row ky = i - r); rows whose ky is out of range skip this input row.
+      const float* kr[R];
+      bool on[R];
+      for (int r = 0; r < R; ++r) {
+        on[r] = i - r >= 0 && i - r < K;
+        kr[r] = on[r] ? t.w + r * t.wo + (i - r) * K * plane + at : nullptr;
+      }
+      for (int64_t kx = 0; kx < K; ++kx) {
+        vec xv[C];
+        for (int c = 0; c < C; ++c) xv[c] = Load<V>(xr + c * t.cstride + kx);
+        for (int r = 0; r < R; ++r) {
+          if (!on[r]) continue;
+          const vec kv = Load<V>(kr[r] + kx * plane);
+          for (int c = 0; c < C; ++c) acc[r][c] += kv * xv[c];
+        }
+      }
+    }
   }
-  for (int c = 0; c < CB; ++c) Store<V>(r.out[c0 + c] + at, acc[c]);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) Store<V>(t.y + (c0 + c) * t.ystride + r * t.wo + at, acc[r][c]);
 }
 
-// Outputs [from, wo) of one row, from + V <= wo required: full V-blocks, then the ragged end with
+// All channels of the block at one column position: blocks of C, then the rest one at a time.
+// (Channels innermost: the tile's kernel vectors stay in L1 while every channel uses them.)
+template <int R, int C, int V>
+REPCONV_INLINE void Channels(const Tile& t, int64_t at) {
+  int c = 0;
+  for (; c + C <= t.cb; c += C) Block<R, C, V>(t, c, at);
+  for (; c < t.cb; ++c) Block<R, 1, V>(t, c, at);
+}
+
+// Outputs [from, wo) of the tile, from + V <= wo required: full V-blocks, then the ragged end with
 // half-width blocks, the very last one overlapping already computed outputs (idempotent) instead of
 // a scalar tail.
-template <int CB, int V>
-REPCONV_INLINE void RowFrom(const RowArgs& r, int c0, int64_t at) {
-  for (; at + V <= r.wo; at += V) Block<CB, V>(r, c0, at);
-  if (at == r.wo) return;
+template <int R, int C, int V>
+REPCONV_INLINE void ColsFrom(const Tile& t, int64_t at) {
+  for (; at + V <= t.wo; at += V) Channels<R, C, V>(t, at);
+  if (at == t.wo) return;
   if constexpr (V >= 8) {
-    if (r.wo - at <= V / 2) return RowFrom<CB, V / 2>(r, c0, r.wo - V / 2 < at ? r.wo - V / 2 : at);
+    if (t.wo - at <= V / 2) return ColsFrom<R, C, V / 2>(t, t.wo - V / 2 < at ? t.wo - V / 2 : at);
   }
-  Block<CB, V>(r, c0, r.wo - V);
+  Channels<R, C, V>(t, t.wo - V);
 }
 
-template <int CB, int V>
-REPCONV_INLINE void Row(const RowArgs& r, int c0) {
+template <int R, int C, int V>
+REPCONV_INLINE void Cols(const Tile& t) {
   if constexpr (V > 1) {
-    if (r.wo < V) return Row<CB, V / 2>(r, c0);
-    RowFrom<CB, V>(r, c0, 0);
+    if (t.wo < V) return Cols<R, C, V / 2>(t);
+    ColsFrom<R, C, V>(t, 0);
   } else {
-    for (int64_t at = 0; at < r.wo; ++at) Block<CB, 1>(r, c0, at);
+    for (int64_t at = 0; at < t.wo; ++at) Channels<R, C, 1>(t, at);
   }
 }
 
-// All `cb` channels: blocks of CB channels, then the remainder one at a time.
-template <int CB, int V>
-REPCONV_INLINE void Rows(const RowArgs& r, int cb) {
-  int c = 0;
-  for (; c + CB <= cb; c += CB) Row<CB, V>(r, c);
-  for (; c < cb; ++c) Row<1, V>(r, c);
+// A tile of `rows` (1..kTileRows) output rows; rows > 1 only for stride 1 / dilation 1.
+template <int R, int C, int V>
+REPCONV_INLINE void Tiles(const Tile& t, int rows) {
+  if constexpr (R > 1) {
+    if (rows < R) return Tiles<R - 1, C, V>(t, rows);
+  }
+  Cols<R, C, V>(t);
 }
 
-// The hot loop, compiled per ISA level with a register blocking that fits its register file
-// (dispatched once at load time). Portable baseline: SSE (x86-64-v2) or the target's default.
-constexpr int kMaxChanBlock = 8;
+// The hot loop, compiled per ISA level with a register blocking (R*C accumulators + C inputs + 1
+// kernel vector) that fits its register file; dispatched once at load time. Portable baseline:
+// SSE (x86-64-v2) or the target's default.
+constexpr int kMaxChanBlock = 16;
+constexpr int kTileRows = 2;  // (larger R measured slower: fewer channels fit beside R*C accumulators)
 
-void RowsBase(const RowArgs& r, int cb) { Rows<8, 4>(r, cb); }
+void TilesBase(const Tile& t, int rows) { Tiles<kTileRows, 4, 4>(t, rows); }
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(REPCONV_NO_MULTIVERSION)
-__attribute__((target("arch=x86-64-v3"))) void RowsV3(const RowArgs& r, int cb) { Rows<8, 8>(r, cb); }
-__attribute__((target("arch=x86-64-v4"))) void RowsV4(const RowArgs& r, int cb) { Rows<8, 16>(r, cb); }
+__attribute__((target("arch=x86-64-v3"))) void TilesV3(const Tile& t, int rows) { Tiles<kTileRows, 4, 8>(t, rows); }
+__attribute__((target("arch=x86-64-v4"))) void TilesV4(const Tile& t, int rows) { Tiles<kTileRows, 8, 16>(t, rows); }
 
-using RowsFn = void (*)(const RowArgs&, int);
-RowsFn PickRows() {
+using TilesFn = void (*)(const Tile&, int);
+TilesFn PickTiles() {
   __builtin_cpu_init();
   // REPCONV_NATIVE_ISA=base|v3 caps the level (tests exercise every variant on one machine).
   const char* cap = std::getenv("REPCONV_NATIVE_ISA");
   const std::string level = cap ? cap : "";
-  if (level == "base") return RowsBase;
-  if (level == "v3") return __builtin_cpu_supports("x86-64-v3") ? RowsV3 : RowsBase;
-  if (__builtin_cpu_supports("x86-64-v4")) return RowsV4;
-  if (__builtin_cpu_supports("x86-64-v3")) return RowsV3;
-  return RowsBase;
+  if (level == "base") return TilesBase;
+  if (level == "v3") return __builtin_cpu_supports("x86-64-v3") ? TilesV3 : TilesBase;
+  if (__builtin_cpu_supports("x86-64-v4")) return TilesV4;
+  if (__builtin_cpu_supports("x86-64-v3")) return TilesV3;
+  return TilesBase;
 }
-const RowsFn g_rows = PickRows();
+const TilesFn g_tiles = PickTiles();
 #else
-constexpr auto g_rows = RowsBase;
+constexpr auto g_tiles = TilesBase;
 #endif
 
 struct Scratch {
   // kMaxChanBlock x rows x stride x phase_len: zero-padded, de-interleaved input rows of one band.
   std::vector<float> rows;
-  std::vector<const float*> kr, xr;
   int64_t geometry[4] = {-1, -1, -1, -1};  // (cstride, p, W, s) the zero padding was laid out for
 };
 
@@ -214,7 +265,7 @@ thread_local Scratch t_scratch;
 
 // One work item: output rows [oy0, oy1) of all C/G channels of group g in image n. Per block of
 // kMaxChanBlock channels, the input rows the band needs are copied once into the scratch (zero
-// padded left/right, de-interleaved by stride phase), then each output row accumulates its taps.
+// padded left/right, de-interleaved by stride phase), then tiles of output rows accumulate their taps.
 void BandTask(const Problem& P, size_t task) {
   const Attrs& a = P.a;
   const int64_t band = static_cast<int64_t>(task) % P.bands;
@@ -225,7 +276,8 @@ void BandTask(const Problem& P, size_t task) {
   // Input rows touched by the band (clipped to the image): [iy_lo, iy_hi).
   const int64_t iy_lo = std::max<int64_t>(0, oy0 * s - p);
   const int64_t iy_hi = std::min<int64_t>(H, (oy1 - 1) * s + (K - 1) * d - p + 1);
-  const int64_t cstride = P.scratch_rows * s * plen;  // scratch floats per channel
+  const int64_t rstride = s * plen;                   // scratch floats per input row
+  const int64_t cstride = P.scratch_rows * rstride;  // scratch floats per channel
 
   Scratch& S = t_scratch;
   const size_t need = static_cast<size_t>(kMaxChanBlock * cstride);
@@ -236,14 +288,11 @@ void BandTask(const Problem& P, size_t task) {
     S.rows.assign(std::max(need, S.rows.size()), 0.f);
     std::copy(geometry, geometry + 4, S.geometry);
   }
-  S.kr.resize(static_cast<size_t>(P.kk));
-  S.xr.resize(static_cast<size_t>(P.kk));
-  // Plain local pointers: keeps thread-local lookups and vector bookkeeping out of the loops.
-  float* const rows = S.rows.data();
-  const float** const kr = S.kr.data();
-  const float** const xr = S.xr.data();
+  float* const rows = S.rows.data();  // plain local pointer: no thread-local lookups in the loops
   int64_t xoff[256];  // scratch offset of tap column kx: phase (kx*d) % s, position (kx*d) / s
   for (int64_t kx = 0; kx < K; ++kx) xoff[kx] = (kx * d % s) * plen + kx * d / s;
+  int64_t tap_rows[256], tap_ky[256];  // R == 1 tiles: scratch row offset and ky of the active tap rows
+  const bool multi_row = s == 1 && d == 1;
   const int64_t plane = P.ho * Wo;
   const int64_t c0 = (ng % a.groups) * P.cg, n = ng / a.groups;
 
@@ -253,7 +302,7 @@ void BandTask(const Problem& P, size_t task) {
       const float* xplane = P.x + (n * P.c + c0 + ci + j) * H * W;
       for (int64_t iy = iy_lo; iy < iy_hi; ++iy) {
         const float* src = xplane + iy * W;
-        float* dst = rows + j * cstride + (iy - iy_lo) * s * plen;
+        float* dst = rows + j * cstride + (iy - iy_lo) * rstride;
         if (s == 1) {
           std::memcpy(dst + p, src, static_cast<size_t>(W) * sizeof(float));
         } else {
@@ -264,32 +313,40 @@ void BandTask(const Problem& P, size_t task) {
         }
       }
     }
-    for (int64_t oy = oy0; oy < oy1; ++oy) {
-      // Kernel plane of tap t for (n, g) starts at (ng*KK + t)*Ho*Wo; this row at + oy*Wo.
-      const float* wrow0 = P.w + (ng * P.kk * P.ho + oy) * Wo;
-      int64_t taps = 0;
-      for (int64_t ky = 0; ky < K; ++ky) {
-        const int64_t iy = oy * s + ky * d - p;
-        if (iy < 0 || iy >= H) continue;  // the whole tap row reads zero padding: skip it
-        const float* srow = rows + (iy - iy_lo) * s * plen;
-        for (int64_t kx = 0; kx < K; ++kx, ++taps) {
-          kr[taps] = wrow0 + (ky * K + kx) * plane;
-          xr[taps] = srow + xoff[kx];
+    Tile t;
+    t.x = rows;
+    t.xoff = xoff;
+    t.rows = tap_rows;
+    t.kys = tap_ky;
+    t.ystride = plane;
+    t.plane = plane;
+    t.cstride = cstride;
+    t.rstride = rstride;
+    t.wo = Wo;
+    t.k = K;
+    t.cb = cb;
+    const int64_t step = multi_row ? kTileRows : 1;
+    for (int64_t oy = oy0; oy < oy1; oy += step) {
+      const int rows_here = static_cast<int>(std::min<int64_t>(step, oy1 - oy));
+      // Kernel plane of tap t for (n, g) starts at (ng*KK + t)*Ho*Wo; this tile at + oy*Wo.
+      t.w = P.w + (ng * P.kk * P.ho + oy) * Wo;
+      t.y = P.y + ((n * P.c + c0 + ci) * P.ho + oy) * Wo;
+      if (rows_here > 1) {
+        // Tile input row i is image row oy - p + i; rows outside the image read zero padding: skip.
+        t.row0 = oy - p - iy_lo;
+        t.i_lo = std::max<int64_t>(0, p - oy);
+        t.i_hi = std::min<int64_t>(rows_here + K - 1, H - oy + p);
+      } else {  // one row (any stride / dilation, or the last row of a band): the active tap rows
+        int64_t nky = 0;
+        for (int64_t ky = 0; ky < K; ++ky) {
+          const int64_t iy = oy * s + ky * d - p;
+          if (iy < 0 || iy >= H) continue;  // the whole tap row reads zero padding: skip it
+          tap_rows[nky] = (iy - iy_lo) * rstride;
+          tap_ky[nky++] = ky;
         }
+        t.nky = nky;
       }
-      // The K*K kernel planes are Ho*Wo floats apart: too many streams for the hardware
-      // prefetcher, so fetch the next row's kernel lines while this row computes.
-      if (oy + 1 < P.ho) {
-        const char* next = reinterpret_cast<const char*>(wrow0 + Wo);
-        const int64_t bytes = Wo * static_cast<int64_t>(sizeof(float));
-        const int64_t plane_bytes = plane * static_cast<int64_t>(sizeof(float));
-        for (int64_t t = 0; t < P.kk; ++t)
-          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + t * plane_bytes + off, 0, 3);
-      }
-      float* yrows[kMaxChanBlock];
-      for (int j = 0; j < cb; ++j) yrows[j] = P.y + ((n * P.c + c0 + ci + j) * P.ho + oy) * Wo;
-      const RowArgs r{yrows, kr, xr, taps, cstride, Wo};
-      g_rows(r, cb);
+      g_tiles(t, rows_here);
     }
   }
 }
@@ -317,9 +374,9 @@ size_t SetUp(Problem* P, const float* x, const float* w, float* y, int64_t n, in
   P->cg = c / a.groups;
   P->kk = a.k * a.k;
   P->phase_len = (wd + 2 * a.padding + a.stride - 1) / a.stride;
-  // Bands of output rows amortise the input-row copies over up to 8 rows; keep >= ~64 work items
+  // Bands of output rows amortise the input-row copies over up to 8 rows; keep >= ~24 work items
   // (when the problem allows) so the thread pool can balance them.
-  P->band_rows = std::max<int64_t>(1, std::min<int64_t>(8, n * a.groups * P->ho / 64));
+  P->band_rows = std::max<int64_t>(1, std::min<int64_t>(8, n * a.groups * P->ho / 24));
   P->bands = (P->ho + P->band_rows - 1) / P->band_rows;
   P->scratch_rows = (P->band_rows - 1) * a.stride + (a.k - 1) * a.dilation + 1;
   return static_cast<size_t>(n * a.groups * P->bands);
