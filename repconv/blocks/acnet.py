@@ -41,9 +41,7 @@ class ACBlock(RepBlock):
         if deploy:
             self.reparameterize()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.reparam_conv is not None:
-            return self.reparam_conv(x)
+    def _branches(self, x: Tensor) -> Tensor:
         return self.conv_square(x) + self.conv_ver(x) + self.conv_hor(x)
 
     def _reparameterize(self) -> None:

@@ -130,6 +130,16 @@ class RepBlock(nn.Module):
 
     deployed: bool = False
 
+    def forward(self, x: Tensor) -> Tensor:
+        # submodule slots, read from _modules: a class-level default would shadow the registered module
+        deploy_conv, act = self._modules.get("reparam_conv"), self._modules.get("act")
+        out = deploy_conv(x) if deploy_conv is not None else self._branches(x)
+        return out if act is None else act(out)
+
+    def _branches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The training-time computation: the sum of the block's branches."""
+        raise NotImplementedError
+
     def reparameterize(self) -> None:
         """Switch this block in place to its deploy form (a single conv / linear)."""
         if self.deployed:

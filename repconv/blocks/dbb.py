@@ -103,13 +103,11 @@ class DiverseBranchBlock(RepBlock):
         if deploy:
             self.reparameterize()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.reparam_conv is not None:
-            return self.act(self.reparam_conv(x))
+    def _branches(self, x: Tensor) -> Tensor:
         out = self.branch_kxk(x) + self.branch_avg(x) + self.branch_1x1_kxk(x)
         if self.branch_1x1 is not None:
             out = out + self.branch_1x1(x)
-        return self.act(out)
+        return out
 
     def _reparameterize(self) -> None:
         ref = self.branch_kxk.conv.weight

@@ -44,9 +44,7 @@ class MobileOneBlock(RepBlock):
         if deploy:
             self.reparameterize()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.reparam_conv is not None:
-            return self.act(self.reparam_conv(x))
+    def _branches(self, x: Tensor) -> Tensor:
         out = self.conv_branches[0](x)
         for branch in self.conv_branches[1:]:
             out = out + branch(x)
@@ -54,7 +52,7 @@ class MobileOneBlock(RepBlock):
             out = out + self.conv_scale(x)
         if self.bn_identity is not None:
             out = out + self.bn_identity(x)
-        return self.act(out)
+        return out
 
     def _reparameterize(self) -> None:
         ref = self.conv_branches[0].conv.weight

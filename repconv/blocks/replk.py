@@ -71,13 +71,11 @@ class RepLKBlock(RepBlock):
         return cls(channels, channels, kernel_size, 1, channels, small_kernel=None,
                    dilated_branches=unireplk_branches(kernel_size), deploy=deploy)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.reparam_conv is not None:
-            return self.act(self.reparam_conv(x))
+    def _branches(self, x: Tensor) -> Tensor:
         out = self.large(x)
         for branch in self.small:
             out = out + branch(x)
-        return self.act(out)
+        return out
 
     def _reparameterize(self) -> None:
         ref = self.large.conv.weight

@@ -38,13 +38,11 @@ class RepVGGBlock(RepBlock):
         if deploy:
             self.reparameterize()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.reparam_conv is not None:
-            return self.act(self.reparam_conv(x))
+    def _branches(self, x: Tensor) -> Tensor:
         out = self.conv_kxk(x) + self.conv_1x1(x)
         if self.bn_identity is not None:
             out = out + self.bn_identity(x)
-        return self.act(out)
+        return out
 
     def _reparameterize(self) -> None:
         ref = self.conv_kxk.conv.weight
