@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
+
+
+def tensor_leaves(out: object) -> list[torch.Tensor]:
+    """Every tensor in a (nested tuple / list / dict) model output, in order."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+
+from repconv.util import tensor_leaves
 
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-6
@@ -96,10 +97,7 @@ def as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
 
 
 def compare_outputs(ref: Any, out: Any) -> list[OutputStats]:
-    ref_leaves, _ = tree_flatten(ref)
-    out_leaves, _ = tree_flatten(out)
-    ref_t = [t for t in ref_leaves if isinstance(t, torch.Tensor)]
-    out_t = [t for t in out_leaves if isinstance(t, torch.Tensor)]
+    ref_t, out_t = tensor_leaves(ref), tensor_leaves(out)
     if len(ref_t) != len(out_t):
         raise ValueError(f"models return {len(ref_t)} vs {len(out_t)} tensors")
     stats = []

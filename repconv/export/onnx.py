@@ -55,7 +55,7 @@ import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
 from repconv.dynamic._common import onnx_static_batch
 from repconv.export import involution_onnx as inv_onnx
 from repconv.export.patterns import InvolutionMatch, rewrite_involutions
-from repconv.util import eval_mode, first_line
+from repconv.util import eval_mode, first_line, tensor_leaves
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -190,16 +190,6 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise ExportError("example_inputs must be a tensor or a tuple of tensors")
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    return []
-
-
 @contextlib.contextmanager
 def _quiet_native_output() -> Iterator[None]:
     """Silence C++ writes to fds 1 and 2 while the TorchScript exporter / onnxsim run.
@@ -240,7 +230,7 @@ def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch
     except Exception as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise ExportError(f"the model fails on input {shapes}: {first_line(e)}") from None
-    flat = _flatten(out)
+    flat = tensor_leaves(out)
     if not flat:
         raise ExportError("the model returns no tensors")
     return [t.detach() for t in flat]

@@ -47,6 +47,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
+from repconv.util import tensor_leaves
 
 __all__ = ["InvolutionMatch", "find_involutions", "rewrite_involutions"]
 
@@ -325,8 +326,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _outputs_close(a: Any, b: Any) -> bool:
-    fa = [t for t in _flatten(a)]
-    fb = [t for t in _flatten(b)]
+    fa = tensor_leaves(a)
+    fb = tensor_leaves(b)
     if len(fa) != len(fb):
         return False
     for ta, tb in zip(fa, fb, strict=True):
@@ -336,16 +337,6 @@ def _outputs_close(a: Any, b: Any) -> bool:
         if ta.numel() and float((ta - tb).abs().max()) > 1e-4 * max(scale, 1.0):
             return False
     return True
-
-
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    return []
 
 
 def _clone(args: tuple[Any, ...]) -> tuple[Any, ...]:
