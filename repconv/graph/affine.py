@@ -116,9 +116,15 @@ def through_conv(node: fx.Node, v: Affine, k: ConvKernel) -> Affine:
     if v.is_identity:
         return v.extend(node, k)
     first = v.conv()
-    fused = A.compose(first, k)
-    sh, sw = k.geom.stride
-    if _macs(fused) > _macs(first) * sh * sw + _macs(k):  # e.g. a channel-reducing 1x1 before a KxK
+    sh, sw = k.geom.stride  # the first op runs on sh*sw times as many pixels as the second
+    return _chained(node, v, first, k, A.compose(first, k), sh * sw)
+
+
+def _chained(node: fx.Node, v: Affine, first: ConvKernel | LinearKernel, second: ConvKernel | LinearKernel,
+             fused: ConvKernel | LinearKernel, first_runs: int = 1) -> Affine:
+    """``v`` extended by a composition; marked expensive when the fused kernel costs more than
+    running both (a channel-reducing 1x1 before a KxK, a bottleneck MLP)."""
+    if _macs(fused) > _macs(first) * first_runs + _macs(second):
         return v.extend(node, fused, expensive=v.expensive | {node})
     return v.extend(node, fused)
 
@@ -164,10 +170,7 @@ def through_linear(node: fx.Node, v: Affine, k: LinearKernel) -> Affine:
     if v.is_identity:
         return v.extend(node, k)
     first = v.linear()
-    fused = A.compose_linear(first, k)
-    if _macs(fused) > _macs(first) + _macs(k):
-        return v.extend(node, fused, expensive=v.expensive | {node})
-    return v.extend(node, fused)
+    return _chained(node, v, first, k, A.compose_linear(first, k))
 
 
 def _conv_mode(values: list[Affine], conv_axis: bool) -> bool:
