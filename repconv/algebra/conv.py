@@ -427,9 +427,3 @@ def _compose_crop(first: ConvKernel, second: ConvKernel) -> ConvKernel | None:
             raise FusionRefused("crop of more than a conv's padding")
         return ConvKernel(first.weight, first.bias, replace(g, padding=pad))
     return None
-
-
-def scale_and_shift_of_constant(channels: int, scale: float, shift: float,
-                                dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    return (torch.full((channels,), float(scale), dtype=dtype),
-            torch.full((channels,), float(shift), dtype=dtype))
