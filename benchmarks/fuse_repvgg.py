@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from repconv import fuse_with_report
 from repconv.blocks.common import randomize_bn_
 from repconv.blocks.models import RepVGG, plain_vgg_like, repvgg_a0, repvgg_b3
 from repconv.blocks.repvgg import RepVGGBlock
-from repconv.graph.fuse import fuse_with_report
 
 console = Console()
 

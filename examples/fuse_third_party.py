@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repconv.graph.fuse import fuse_with_report, region_kind, region_result
+from repconv import fuse_with_report
+from repconv.graph import region_kind, region_result
 
 
 class MyBlock(nn.Module):

@@ -15,8 +15,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "fuse": "repconv.graph.fuse",
-    "FuseReport": "repconv.graph.fuse",
+    "fuse": "repconv.pipeline",
+    "fuse_with_report": "repconv.pipeline",
+    "FuseReport": "repconv.graph",
     "verify": "repconv.verification",
     "VerifyReport": "repconv.verification",
     "VerificationError": "repconv.verification",

@@ -60,7 +60,7 @@ def test_ulsam_deploy_merges_subspaces():
 
 @pytest.mark.parametrize("name", ["se_bottleneck", "sk", "ulsam"])
 def test_generic_fuse_folds_every_bn(name):
-    pytest.importorskip("repconv.graph.fuse")
+    pytest.importorskip("repconv.pipeline")
     from repconv import fuse
 
     build, shape = CASES[name]

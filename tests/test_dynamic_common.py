@@ -103,7 +103,7 @@ def test_to_deploy_replaces_nested_dynamic_modules():
 
 
 def test_to_deploy_with_generic_fuse():
-    pytest.importorskip("repconv.graph.fuse")
+    pytest.importorskip("repconv.pipeline")
     m = mixer_tiny().eval()
     x = torch.randn(2, 3, 32, 32)
     d = to_deploy(m, (x,))

@@ -17,7 +17,7 @@ from torch import nn
 
 import repconv
 from repconv.blocks.common import randomize_bn_
-from repconv.graph.fuse import FuseInputError, fuse_with_report
+from repconv.pipeline import FuseInputError, fuse_with_report
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -304,7 +304,7 @@ def test_public_api_names_survive_submodule_imports() -> None:
     """Importing every submodule must not shadow the lazily exported functions."""
     import repconv.cli.main  # noqa: F401
     import repconv.export.onnx  # noqa: F401
-    import repconv.graph.fuse  # noqa: F401
+    import repconv.pipeline  # noqa: F401
 
     for name in ("fuse", "verify", "export_onnx", "load_model"):
         assert callable(getattr(repconv, name)), name

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from repconv import algebra as A
+from repconv import fuse_with_report
 from repconv.blocks.common import randomize_bn_
-from repconv.graph.fuse import fuse_with_report
 
 
 def _ready(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -13,7 +13,8 @@ import torch
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from repconv.graph.fuse import FuseInputError, FuseReport, fuse_with_report, region_kind, region_result
+from repconv.graph import FuseReport, region_kind, region_result
+from repconv.pipeline import FuseInputError, fuse_with_report
 from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, VerificationError, VerifyReport
 
 from .common import (

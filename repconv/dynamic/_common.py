@@ -111,12 +111,10 @@ def fold_conv_bns(module: nn.Module, example_inputs: tuple[Tensor, ...] | None =
     The input module is never modified.
     """
     if generic and example_inputs is not None:
-        try:
-            from repconv.graph.fuse import fuse
-        except ImportError:
-            fuse = None
-        if fuse is not None:
-            return fuse(module, example_inputs)
+        from repconv.graph.rewrite import fuse_traceable
+
+        with torch.no_grad():
+            return fuse_traceable(copy.deepcopy(module).eval(), tuple(example_inputs))
     return _fold_local(copy.deepcopy(module).eval())
 
 

@@ -253,7 +253,7 @@ def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def _fuse(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport, rtol: float,
           atol: float) -> nn.Module:
     """Run repconv's fusion pass; a model it cannot handle is exported unfused (with a note)."""
-    from repconv.graph.fuse import fuse_with_report
+    from repconv.pipeline import fuse_with_report
 
     try:
         fused, fuse_report = fuse_with_report(model, _fresh(inputs), verify=True, rtol=rtol, atol=atol)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,29 +27,6 @@ from .affine import Affine, identity_of
 
 class NotAffine(Exception):
     """The op is not linear in its tensor input: its output is an opaque root."""
-
-
-@dataclass
-class Region:
-    """One rewrite: ``output`` node replaced by one module computing ``value.kernel(value.root)``."""
-
-    output: fx.Node
-    value: Affine
-    target: str = ""
-    block: str = ""
-    ops: list[str] = field(default_factory=list)
-    params_before: int = 0
-    params_after: int = 0
-
-    @property
-    def branches(self) -> int:
-        return self.value.branches
-
-
-@dataclass
-class Refusal:
-    where: str
-    reason: str
 
 
 aten = torch.ops.aten

@@ -156,7 +156,7 @@ def _first_line(e: BaseException) -> str:
 def _try_fuse(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module | None, str | None]:
     """(fused module, None) or (None, why not)."""
     try:
-        from repconv.graph.fuse import fuse
+        from repconv.pipeline import fuse
     except ImportError:
         return None, "fusion is not available in this installation; profiled the model as given only"
     try:

@@ -1,0 +1,229 @@
+"""``repconv.fuse``: deploy rewrites, capture, the graph pass, verification - in that order.
+
+This layer sits above ``repconv.graph`` (the pass) and ``repconv.dynamic`` (deploy forms of the
+dynamic operators); neither imports the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from repconv import verification
+from repconv.dynamic import deploy_rewrites
+from repconv.graph import FuseReport, first_divergence, rewrite, trace
+from repconv.io import ModelLoadError, infer_input_shape
+from repconv.util import eval_mode, first_line
+from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, Inputs, VerificationError, as_tuple
+
+
+class FuseInputError(ValueError):
+    """The model or its inputs cannot be fused (NaN weights, wrong input shape, ...)."""
+
+
+def fuse(model: nn.Module, example_inputs: Inputs | None = None, *, verify: bool = True,
+         rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> nn.Module:
+    """Return a NEW eval-mode module with every exactly-fusable linear region collapsed into one
+    conv / linear. ``model`` is left untouched. Raises :class:`repconv.VerificationError` if the
+    result does not match (``verify=True``)."""
+    return fuse_with_report(model, example_inputs, verify=verify, rtol=rtol, atol=atol)[0]
+
+
+def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, verify: bool = True,
+                     rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                     samples: Sequence[Inputs] = (), seed: int = 0) -> tuple[nn.Module, FuseReport]:
+    """:func:`fuse` plus a :class:`FuseReport` of what was fused, what was left and why."""
+    if not isinstance(model, nn.Module):
+        raise FuseInputError(f"expected an nn.Module, got {type(model).__name__}")
+    _check_finite(model)
+    report = FuseReport()
+    # a copy: the pass runs the model, which may modify its input in place
+    inputs = tuple(t.clone() for t in _example_inputs(model, example_inputs, seed))
+    report.input_shapes = [list(t.shape) for t in inputs]
+    if model.training:
+        report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
+    with eval_mode(model), torch.no_grad():
+        # dynamic operators (CondConv, PSConv, ...) first take their inference form
+        if isinstance(model, torch.jit.ScriptModule):
+            source: nn.Module = _from_torchscript(model, inputs)
+            report.notes.append("TorchScript model: converted to an fx graph of aten ops first")
+        else:
+            source, swapped = deploy_rewrites(model)
+            if swapped:
+                report.notes.append("deploy rewrites: " + ", ".join(swapped))
+            source = _self_reparameterize(source, source is not model, report)
+        # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
+        # from the user's model while copying only what survived fusion
+        fused = copy.deepcopy(_fuse_module(source, inputs, report, prefix=""))
+    fused.eval()
+    report.params_before = sum(p.numel() for p in model.parameters())
+    report.params_after = sum(p.numel() for p in fused.parameters())
+    if verify:
+        gen = torch.Generator().manual_seed(seed + 1)
+        checks = [inputs] + [tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+                                   if t.is_floating_point() else t for t in inputs) for _ in range(2)]
+        checks += [as_tuple(s) for s in samples]
+        with eval_mode(model):
+            result = verification.verify(model, fused, checks, rtol=rtol, atol=atol)
+            if not result.ok:
+                result.first_divergence = first_divergence(model, fused, inputs, rtol, atol)
+        report.verification = result
+        if not result.ok:
+            raise VerificationError(result)
+    return fused, report
+
+
+
+# --------------------------------------------------------------------------- the pass
+
+def _from_torchscript(model: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """A scripted model as an fx graph (torch's TorchScript -> ExportedProgram converter)."""
+    import logging
+    import warnings
+
+    from torch._export.converter import TS2EPConverter
+
+    export_log = logging.getLogger("torch._export")
+    level = export_log.level
+    try:
+        export_log.setLevel(logging.ERROR)  # shape-specialisation chatter, not the user's problem
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = TS2EPConverter(model, inputs).convert().module()
+    except Exception as e:
+        raise FuseInputError(f"cannot convert the TorchScript model to a graph: {first_line(e)}") from None
+    finally:
+        export_log.setLevel(level)
+    for node in list(gm.graph.nodes):  # export's input guards: checks only, and not scriptable
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    gm.meta["repconv_pretraced"] = True
+    return gm
+
+
+def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
+    try:
+        gm = work if isinstance(work, fx.GraphModule) and work.meta.get("repconv_pretraced") else trace(work)
+    except Exception as e:  # data-dependent Python: fall back to the largest traceable children
+        report.untraced.append(f"{prefix or type(work).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return _fuse_children(work, inputs, report, prefix)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks itself
+            ShapeProp(gm).propagate(*inputs)  # one real forward: also proves the inputs fit
+    except Exception as e:
+        _check_runs(work, inputs)  # a user error (wrong shape) is reported as such
+        report.untraced.append(f"{prefix or type(work).__name__}: shape propagation failed: {str(e)[:120]}")
+        return _fuse_children(work, inputs, report, prefix)
+    return rewrite(gm, report, prefix)
+
+
+def _self_reparameterize(model: nn.Module, owned: bool, report: FuseReport) -> nn.Module:
+    """Blocks that declare ``fuse_by_reparameterize`` (repconv's RepMLP: reshapes the fx pass cannot
+    see through) convert themselves first, on a copy."""
+    names = [n for n, m in model.named_modules() if getattr(m, "fuse_by_reparameterize", False)]
+    if not names:
+        return model
+    work = model if owned else copy.deepcopy(model)
+    for name in names:
+        work.get_submodule(name).reparameterize()
+    report.notes.append("self re-parameterized: " + ", ".join(n or "(top)" for n in names))
+    return work
+
+
+def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
+    # a shell sharing the children, so replacing them leaves the user's module alone; containers
+    # (ModuleList / ModuleDict: never called themselves) are shelled too and their items fused
+    work = _shell(module)
+    targets: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent shell, name, child, path)
+
+    def collect(parent: nn.Module, path: str) -> None:
+        for name, child in list(parent.named_children()):
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(child, nn.ModuleList | nn.ModuleDict):
+                shell = _shell(child)
+                setattr(parent, name, shell)
+                collect(shell, child_path)
+            elif list(child.children()) or not type(child).__module__.startswith("torch.nn"):
+                targets.append((parent, name, child, child_path))  # built-in leaves: nothing to fuse
+
+    collect(work, prefix)
+    captured: dict[int, tuple[torch.Tensor, ...]] = {}
+    hooks = []
+    for i, (_, _, child, _) in enumerate(targets):
+        def hook(_m: nn.Module, args: tuple, i: int = i) -> None:
+            if i not in captured and all(isinstance(a, torch.Tensor) for a in args):
+                captured[i] = tuple(a.detach().clone() for a in args)
+        hooks.append(child.register_forward_pre_hook(hook))
+    try:
+        _check_runs(work, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, (parent, name, child, path) in enumerate(targets):
+        if i in captured:
+            setattr(parent, name, _fuse_module(child, captured[i], report, path))
+    return work
+
+
+def _shell(module: nn.Module) -> nn.Module:
+    shell = copy.copy(module)
+    shell._modules = dict(module._modules)
+    return shell
+
+
+# --------------------------------------------------------------------------- checks and inputs
+
+def _check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FuseInputError(f"{name} contains NaN or Inf: refusing to fuse a broken model")
+
+
+def _example_inputs(model: nn.Module, example_inputs: Inputs | None, seed: int) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        try:
+            return as_tuple(example_inputs)
+        except TypeError as e:
+            raise FuseInputError(str(e)) from None
+    try:
+        shape = infer_input_shape(model)
+    except ModelLoadError as e:
+        raise FuseInputError(str(e)) from None
+    p = next(model.parameters(), None)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
+    return (x,)
+
+
+def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run the model once; a failure is the user's input not fitting it."""
+    try:
+        model(*inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        try:
+            expected = f"; its first layer expects {_expected_dims(model)}"
+        except ModelLoadError:
+            expected = ""
+        raise FuseInputError(f"model does not accept input {shapes}{expected} ({first_line(e)})") from None
+
+
+def _expected_dims(model: nn.Module) -> str:
+    shape = infer_input_shape(model)
+    if len(shape) == 4:
+        return f"(N, C={shape[1]}, H, W)"
+    if len(shape) == 3:
+        return f"(N, C={shape[1]}, L)"
+    return f"(N, {shape[1]} features)"
+
+
