@@ -15,6 +15,7 @@ from torch import nn
 import repconv
 from repconv.export import involution_onnx as inv_onnx
 from repconv.export.onnx import (
+    DataDependentError,
     ExportCheckError,
     ExportError,
     UnsupportedOperatorError,
@@ -166,7 +167,7 @@ def _custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def op_export(tmp_path_factory):
     model = _randomize(op_net())
     path = tmp_path_factory.mktemp("op") / "op.onnx"
-    report = export_onnx_with_report(model, path, _x(1, 3, 16, 16))
+    report = export_onnx_with_report(model, path, _x(1, 3, 16, 16), target="onnxruntime")
     return model, path, report
 
 
@@ -181,9 +182,11 @@ def test_involution_node_and_attributes(op_export):
     assert attrs == {name: (onnx.AttributeProto.INT, v) for name, v in
                      dict(kernel_size=3, stride=2, dilation=1, groups=2, padding=1).items()}
     imports = {o.domain: o.version for o in m.opset_import}
-    assert imports == {"": 17, "ai.repconv": 1}
+    assert imports == {"": 18, "ai.repconv": 1}
     (fn,) = [f for f in m.functions if f.domain == "ai.repconv" and f.name == "Involution"]
-    assert {o.domain: o.version for o in fn.opset_import}[""] == 17
+    assert {o.domain: o.version for o in fn.opset_import}[""] == 18
+    (loop,) = [n for n in fn.node if n.op_type == "Loop"]
+    assert loop.input[1], "the Loop's cond is explicit (onnx.reference mishandles an omitted one)"
     assert 8 <= m.ir_version <= inv_onnx.IR_VERSION
     onnx.checker.check_model(m, full_check=True)
     # The kernel-generation branch's BN was fused into its conv.
@@ -208,18 +211,23 @@ def test_native_kernel_equals_pytorch(op_export):
     model, path, report = op_export
     x = _x(2, 3, 16, 16)  # the file has a static batch of 1; build a batch-2 export for the native run
     path2 = path.with_name("op_b2.onnx")
-    export_onnx(model, path2, x)
+    export_onnx(model, path2, x, target="onnxruntime")
     with torch.no_grad():
         _assert_close(_run(path2, x, runtime.session_options()), model(x))
     assert report.native_available and report.native_used
 
 
-def test_dynamic_batch(tmp_path):
+@pytest.mark.parametrize("target", ["generic", "onnxruntime"])
+def test_dynamic_batch(tmp_path, target):
     model = _randomize(op_net())
     path = tmp_path / "dyn.onnx"
-    report = export_onnx_with_report(model, path, _x(1, 3, 16, 16), dynamic_batch=True)
-    assert sorted(c.batch for c in report.checks if c.runtime == "function") == [1, 3]
+    report = export_onnx_with_report(model, path, _x(1, 3, 16, 16), dynamic_batch=True, target=target)
+    plain = "function" if target == "onnxruntime" else "onnxruntime"
+    checked = [(c.input, c.batch) for c in report.checks if c.runtime == plain]
+    assert checked == [("example", 1), ("fresh 1", 1), ("fresh 2", 1), ("batch 3", 3)]
+    assert all(c.ok for c in report.checks)
     m = onnx.load(str(path))
+    assert count_custom_nodes(m) == (target == "onnxruntime")
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     assert m.graph.output[0].type.tensor_type.shape.dim[0].dim_param
     for n in (1, 3):
@@ -235,7 +243,7 @@ def test_third_party_naive_involution(tmp_path):
     assert [(f.where, f.kernel_size, f.stride, f.groups) for f in found] == [("3", 3, 1, 4), ("4", 5, 2, 4)]
     assert not any(isinstance(m, nn.Unfold) for m in rewritten.modules())
     path = tmp_path / "naive.onnx"
-    report = export_onnx_with_report(model, path, x)
+    report = export_onnx_with_report(model, path, x, target="onnxruntime")
     m = onnx.load(str(path))
     assert count_custom_nodes(m) == 2 and len(report.involutions) == 2
     attrs = [{a.name: a.i for a in n.attribute} for n in _custom_nodes(m)]
@@ -251,7 +259,7 @@ def test_functional_lookalike(tmp_path, k, groups, dil):
     model = FunctionalInvolution(8, k, groups, dil).eval()
     x = _x(1, 8, 12, 12)
     path = tmp_path / "f.onnx"
-    report = export_onnx_with_report(model, path, x, dynamic_batch=True)
+    report = export_onnx_with_report(model, path, x, dynamic_batch=True, target="onnxruntime")
     assert [(i.kernel_size, i.dilation, i.groups) for i in report.involutions] == [(k, dil, groups)]
     assert count_custom_nodes(onnx.load(str(path))) == 1
     with torch.no_grad():
@@ -280,25 +288,33 @@ def test_inplace_first_layer_does_not_corrupt_check(tmp_path):
     x = _x(1, 8, 8, 8)
     keep = x.clone()
     report = export_onnx_with_report(model, tmp_path / "i.onnx", x)
-    assert torch.equal(x, keep) and report.custom_nodes == 1
+    assert torch.equal(x, keep) and report.involution_nodes == 1
 
 
-def test_untraceable_model_rewrites_traceable_parts(tmp_path):
-    class Gate(nn.Module):  # data-dependent Python control flow: fx cannot trace the whole model
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Conv2d(3, 16, 3, padding=1)
-            self.inv = PaperStyleInvolution(16, 3, 1)
+class _Gate(nn.Module):  # data-dependent Python control flow: fx cannot trace the whole model
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.inv = PaperStyleInvolution(16, 3, 1)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.stem(x)
-            if float(y.mean()) > 1e9:
-                y = y * 2
-            return self.inv(y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        if float(y.mean()) > 1e9:  # never true: every input takes the same branch
+            y = y * 2
+        return self.inv(y)
 
-    model = _randomize(Gate())
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_untraceable_model_rewrites_traceable_parts(tmp_path, exporter):
+    model = _randomize(_Gate())
     x = _x(1, 3, 12, 12)
-    report = export_onnx_with_report(model, tmp_path / "g.onnx", x)
+    with pytest.raises(DataDependentError, match=r"<model> \(_Gate\) at .*test_export.py:\d+ \(`if float"):
+        export_onnx(model, tmp_path / "g.onnx", x, exporter=exporter)
+    report = export_onnx_with_report(model, tmp_path / "g.onnx", x, exporter=exporter, allow_specialize=True,
+                                     target="onnxruntime")
+    assert report.exporter == "torchscript"  # torch.export cannot specialize; the tracer does
+    assert len(report.specialized) == 1 and "if float(y.mean()) > 1e9" in report.specialized[0]
+    assert any("specialized" in w for w in report.warnings)
     assert [i.where for i in report.involutions] == ["inv"]
     assert report.custom_nodes == 1
     with torch.no_grad():
@@ -309,7 +325,7 @@ def test_plain_model_has_no_custom_domain(tmp_path):
     model = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                      nn.Flatten(), nn.Linear(8, 5)))
     x = _x(1, 3, 16, 16)
-    path = repconv.export_onnx(model, tmp_path / "plain.onnx", x, opset=13)
+    path = repconv.export_onnx(model, tmp_path / "plain.onnx", x, opset=13, exporter="torchscript")
     m = onnx.load(str(path))
     assert {o.domain for o in m.opset_import} == {""} and not m.functions
     assert {o.version for o in m.opset_import} == {13}
@@ -319,7 +335,8 @@ def test_plain_model_has_no_custom_domain(tmp_path):
 
 def test_no_simplify_no_fuse_keeps_batchnorm(tmp_path):
     model = _randomize(op_net())
-    report = export_onnx_with_report(model, tmp_path / "raw.onnx", _x(1, 3, 16, 16), fuse=False, simplify=False)
+    report = export_onnx_with_report(model, tmp_path / "raw.onnx", _x(1, 3, 16, 16), fuse=False, simplify=False,
+                                     target="onnxruntime")
     m = onnx.load(str(tmp_path / "raw.onnx"))
     assert not report.fused and not report.simplified
     assert count_custom_nodes(m) == 1
@@ -350,9 +367,9 @@ def test_caller_model_untouched(tmp_path):
 # ---------------------------------------------------------------------------------------- failures
 
 
-class _FFT(nn.Module):
+class _Erfinv(nn.Module):  # no ONNX translation in either exporter (torch 2.13, 2.15)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fft.rfft2(x).abs()
+        return torch.erfinv(x.tanh() * 0.5)
 
 
 class _Noisy(nn.Module):
@@ -360,14 +377,15 @@ class _Noisy(nn.Module):
         return x + torch.rand_like(x)  # never reproducible: ORT draws other numbers
 
 
-def test_unsupported_operator_names_op_and_module(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), _FFT()))
+@pytest.mark.parametrize("exporter,op", [("dynamo", "prims::erf_inv"), ("torchscript", "aten::erfinv")])
+def test_unsupported_operator_names_op_and_module(tmp_path, exporter, op):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), _Erfinv()))
     target = tmp_path / "u.onnx"
     with pytest.raises(UnsupportedOperatorError) as info:
-        export_onnx(model, target, _x(1, 3, 8, 8))
+        export_onnx(model, target, _x(1, 3, 8, 8), exporter=exporter)
     msg = str(info.value)
-    assert "aten::fft_rfft2" in msg and "1.1" in msg and "_FFT" in msg and "\n" not in msg
-    assert info.value.op == "aten::fft_rfft2"
+    assert op in msg and "1.1 (_Erfinv)" in msg and "\n" not in msg
+    assert info.value.op == op
     assert list(tmp_path.iterdir()) == []
 
 
@@ -389,8 +407,10 @@ def test_wrong_input_shape(tmp_path):
 def test_bad_opset(tmp_path):
     with pytest.raises(ExportError, match="opset"):
         export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "o.onnx", _x(1, 3, 8, 8), opset=99)
+    with pytest.raises(ExportError, match=r"dynamo exporter supports \(18\.\.23\)"):
+        export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "o.onnx", _x(1, 3, 8, 8), opset=17)
     with pytest.raises(ExportError, match="opset >= 13"):
-        export_onnx(OpInvolution(8, 3, 1, 2), tmp_path / "o.onnx", _x(1, 8, 8, 8), opset=11)
+        export_onnx(OpInvolution(8, 3, 1, 2), tmp_path / "o.onnx", _x(1, 8, 8, 8), opset=11, exporter="torchscript")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -412,8 +432,8 @@ def test_rednet26_exports_and_matches(tmp_path):
     model = _calibrate(rednet26(num_classes=10), (2, 3, 64, 64))
     x = _x(1, 3, 64, 64)
     report = export_onnx_with_report(model, tmp_path / "rednet26.onnx", x)
-    assert report.custom_nodes == sum(1 for _ in _involution_modules(model))
-    assert report.custom_nodes >= 8
+    assert report.involution_nodes == sum(1 for _ in _involution_modules(model))
+    assert report.involution_nodes >= 8 and report.custom_nodes == 0  # default: standard ops
     with torch.no_grad():
         _assert_close(_run(tmp_path / "rednet26.onnx", x), model(x))
 

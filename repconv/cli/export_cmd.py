@@ -36,6 +36,13 @@ from repconv.cli.common import (
 @click.option("--no-fuse", is_flag=True, help="Export the model as is, without repconv's fusion pass.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance of the ORT check.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance of the ORT check.")
+@click.option("--target", type=click.Choice(["generic", "onnxruntime", "openvino", "tract"]), default="generic",
+              show_default=True, help="Runtime the file is for: onnxruntime keeps the custom Involution op (native "
+                                      "kernel); the others write it as standard ops that every runtime runs.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.export-based exporter, or torch's older TorchScript tracer.")
+@click.option("--allow-specialize", is_flag=True,
+              help="Export data-dependent Python control flow anyway, keeping the branch the example takes.")
 def export_command(
     model: str,
     weights: str | None,
@@ -50,6 +57,9 @@ def export_command(
     no_fuse: bool,
     rtol: float,
     atol: float,
+    target: str,
+    exporter: str,
+    allow_specialize: bool,
 ) -> None:
     """Export MODEL (a saved model file or package.module:factory) for deployment."""
     if onnx_path is None and bundle_dir is None:
@@ -63,14 +73,17 @@ def export_command(
                       "(pass --input-shape to change)[/dim]")
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     options = dict(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, fuse=not no_fuse,
-                   rtol=rtol, atol=atol)
-    if onnx_path is not None:
-        _write_onnx(module, model, onnx_path, example, **options)
-    if bundle_dir is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            source = onnx_path or str(Path(tmp) / "model.onnx")
-            if onnx_path is None:
-                _write_onnx(module, model, source, example, **options)
+                   rtol=rtol, atol=atol, target=target, exporter=exporter, allow_specialize=allow_specialize)
+    from repconv.profile.bundle import BUNDLE_TARGET
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # the bundle gets the form its on-device benchmark (ONNX Runtime) needs, whatever --target says
+        source = str(Path(tmp) / "model.onnx") if bundle_dir is not None else None
+        if onnx_path is not None:
+            _write_onnx(module, model, onnx_path, example, bundle_onnx=source, **options)
+        elif source is not None:
+            _write_onnx(module, model, source, example, **{**options, "target": BUNDLE_TARGET})
+        if bundle_dir is not None and source is not None:
             _write_bundle(source, bundle_dir, model, tuple(example.shape), "original" if no_fuse else "fused", force)
 
 
@@ -86,12 +99,15 @@ def _write_bundle(onnx_file: str, bundle_dir: str, spec: str, shape: tuple[int, 
                   "`python3 benchmark.py --json result.json`, then `repconv profile --import result.json`")
 
 
-def _write_onnx(module: Any, spec: str, out: str, example: torch.Tensor, **options: Any) -> None:
+def _write_onnx(module: Any, spec: str, out: str, example: torch.Tensor, bundle_onnx: str | None = None,
+                **options: Any) -> None:
     from repconv.export.onnx import ExportCheckError, ExportError, export_onnx_with_report
+    from repconv.profile.bundle import BUNDLE_TARGET
 
+    extra = {BUNDLE_TARGET: bundle_onnx} if bundle_onnx else None
     try:
         with atomic_output(out, protect=(spec,)) as tmp:
-            report = export_onnx_with_report(module, tmp, example, **options)
+            report = export_onnx_with_report(module, tmp, example, extra_targets=extra, **options)
     except ExportCheckError as e:
         raise CheckFailure(f"{e} - nothing written") from None
     except ExportError as e:
@@ -148,5 +164,7 @@ def _print_report(report: Any, out: str, example: torch.Tensor) -> None:
             console.print("native kernel: [green]used[/green] (repconv.runtime.session_options())")
         else:
             console.print("native kernel: [yellow]registered but not used[/yellow] (ORT ran the function)")
+    for note in report.notes:
+        console.print(note, markup=False)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}")

@@ -1,4 +1,4 @@
-"""ONNX export: :func:`export_onnx` and the ``ai.repconv::Involution`` op (function + translation).
+"""ONNX export: :func:`export_onnx`, the ``ai.repconv::Involution`` op (function, translation) and its forms.
 
 Submodules load lazily so ``import repconv.export.involution_onnx`` stays free of torch's exporter.
 """
@@ -12,9 +12,16 @@ _LAZY = {
     "export_onnx": "repconv.export.onnx",
     "export_onnx_with_report": "repconv.export.onnx",
     "ExportReport": "repconv.export.onnx",
-    "ExportError": "repconv.export.onnx",
-    "ExportCheckError": "repconv.export.onnx",
-    "UnsupportedOperatorError": "repconv.export.onnx",
+    "TARGETS": "repconv.export.forms",
+    "DEFAULT_TARGET": "repconv.export.forms",
+    "EXPORTERS": "repconv.export.capture",
+    "DEFAULT_EXPORTER": "repconv.export.capture",
+    "apply_target": "repconv.export.forms",
+    "expand_involutions": "repconv.export.forms",
+    "ExportError": "repconv.export.errors",
+    "ExportCheckError": "repconv.export.errors",
+    "DataDependentError": "repconv.export.errors",
+    "UnsupportedOperatorError": "repconv.export.errors",
     "rewrite_involutions": "repconv.export.patterns",
     "InvolutionMatch": "repconv.export.patterns",
 }

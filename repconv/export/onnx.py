@@ -1,28 +1,25 @@
-"""``repconv.export_onnx``: fuse, export to ONNX with the ``ai.repconv::Involution`` op, simplify, check.
+"""``repconv.export_onnx``: fuse, export to ONNX, write Involution in the target's form, simplify, check.
 
-Exporter choice: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``).
+Steps (:func:`export_onnx_with_report`):
 
-* It needs nothing beyond torch and onnx. The torch.export-based exporter (the default since torch
-  2.9) needs ``onnxscript`` (and through it ``onnx_ir`` / ``ml_dtypes``) only to do what this module
-  does in ~20 lines: map one custom op to one node. A dependency is not worth that.
-* A custom op maps to one node with ``register_custom_op_symbolic`` and ``custom_opsets``; the
-  attributes arrive as Python ints, exactly the node attributes the schema wants.
-* ``dynamic_axes`` gives a symbolic batch axis directly; vision models' reshapes that read
-  ``x.shape[0]`` trace into Shape/Gather, so batch-dynamic graphs come out right.
-* It is several times faster (no torch.export / decomposition / onnxscript optimizer passes),
-  which matters for the CLI and the test suite.
+1. PyTorch's outputs on the check inputs (:mod:`repconv.export.checks`: the example, two fresh
+   inputs, a second batch size with ``dynamic_batch``).
+2. repconv's fusion pass; third-party unfold-style involution rewritten to ``repconv::involution``.
+3. Capture (:mod:`repconv.export.capture`): the dynamo exporter (default) or the TorchScript one.
+   Each involution is one ``ai.repconv::Involution`` node; data-dependent Python control flow is
+   refused (naming module and line) unless ``allow_specialize``.
+4. onnxsim (keeping the custom node), the exporters' spelling differences removed
+   (:mod:`repconv.export.normalize`), the full ONNX checker, shape inference.
+5. The target's form (:mod:`repconv.export.forms`): ``onnxruntime`` keeps the node and its
+   model-local function (native kernel where registered); ``generic`` / ``openvino`` / ``tract``
+   (default ``generic``) replace it by standard ops that every runtime loads.
+6. ONNX Runtime against PyTorch on every check input; the file is written only when all pass.
 
-The cost: torch marks it deprecated (a DeprecationWarning, silenced here because the choice is
-deliberate) and pyproject caps torch at 2.14.x. If a future torch drops it, the op translation is
-the only piece to port (``custom_translation_table`` with an onnxscript function emitting the same
-node); everything after ``torch.onnx.export`` works on the ModelProto and stays as is.
+Opset: 18 by default - the dynamo exporter's own opset (it converts to others with onnx's version
+converter) and within the TorchScript exporter's range (<= 20). ORT 1.32, OpenVINO 2026.4 and tract
+0.23 run it. The Involution op (either form) needs >= 13.
 
-Opset: 17 by default. It is the newest opset the TorchScript exporter covers thoroughly (it stops at
-20), has ``LayerNormalization`` as one op (MLP-Mixer / token mixers export as one node, not seven),
-and ORT 1.32 - like every ORT since 1.14 - runs it with all its fusions. Opset 18 only changes Reduce*
-axes from attributes to inputs, which gains nothing here. The ``Involution`` function needs >= 13.
-
-IR version: the smallest that the opsets require (8 for opset 17; model-local functions need 8),
+IR version: the smallest that the opsets require (8 for opset 18; model-local functions need 8),
 never above ``involution_onnx.IR_VERSION``: ORT 1.32 refuses the IR that onnx 1.23 writes by default,
 and a lower IR keeps older runtimes able to load the file.
 """
@@ -31,36 +28,40 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import json
-import math
 import os
-import re
-import sys
+import shutil
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
-from repconv.dynamic._common import onnx_static_batch
+from repconv.export import forms
 from repconv.export import involution_onnx as inv_onnx
+from repconv.export.capture import DEFAULT_EXPORTER, EXPORTERS, capture, quiet_native_output
+from repconv.export.checks import Case, OrtCheck, check_cases, run_checks
+from repconv.export.errors import DataDependentError, ExportCheckError, ExportError, UnsupportedOperatorError
+from repconv.export.normalize import normalize
 from repconv.export.patterns import InvolutionMatch, rewrite_involutions
 from repconv.util import eval_mode, first_line, tensor_leaves
 
 __all__ = [
     "DEFAULT_OPSET",
+    "DEFAULT_TARGET",
+    "DEFAULT_EXPORTER",
+    "TARGETS",
+    "EXPORTERS",
     "ExportError",
     "ExportCheckError",
+    "DataDependentError",
     "UnsupportedOperatorError",
     "ExportReport",
     "OrtCheck",
@@ -69,42 +70,13 @@ __all__ = [
     "count_custom_nodes",
 ]
 
-DEFAULT_OPSET = 17
-MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.4 .. 2.14
-MIN_OPSET = 9
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported (bad input, untraceable code); one-line message."""
-
-
-class UnsupportedOperatorError(ExportError):
-    """An operator has no ONNX translation; ``op`` and ``module`` say which and where."""
-
-    def __init__(self, message: str, op: str, module: str | None) -> None:
-        super().__init__(message)
-        self.op = op
-        self.module = module
-
-
-class ExportCheckError(ExportError):
-    """The exported model does not reproduce PyTorch in ONNX Runtime (or is not valid ONNX)."""
-
-    def __init__(self, message: str, checks: Sequence[OrtCheck] = ()) -> None:
-        super().__init__(message)
-        self.checks = list(checks)
-
-
-@dataclass
-class OrtCheck:
-    """One ONNX Runtime run compared with PyTorch."""
-
-    runtime: str  # "function" (plain InferenceSession) or "native" (repconv's kernel registered)
-    batch: int
-    max_abs: float
-    max_rel: float  # max |err| / max |ref|
-    ok: bool
-    native_used: bool | None = None  # did the profile show the native Involution kernel run?
+DEFAULT_OPSET = 18
+TARGETS = forms.TARGETS
+DEFAULT_TARGET = forms.DEFAULT_TARGET
+# (lowest, highest) opset per exporter: the TorchScript exporter stops at 20
+# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET); the dynamo exporter writes 18 and
+# converts to 18..23 (below 18 its version conversion drops ops, so it is not offered)
+OPSETS = {"torchscript": (9, 20), "dynamo": (18, 23)}
 
 
 @dataclass
@@ -114,18 +86,26 @@ class ExportReport:
     path: Path
     opset: int
     ir_version: int = 0
-    exporter: str = "torchscript"
+    exporter: str = DEFAULT_EXPORTER
+    target: str = DEFAULT_TARGET
     fused: list[str] = field(default_factory=list)  # regions the fusion pass collapsed
     fuse_note: str | None = None  # why fusion did not run, when it did not
     involutions: list[InvolutionMatch] = field(default_factory=list)  # third-party code rewritten
-    nodes_exported: int = 0
-    nodes_final: int = 0
+    involution_nodes: int = 0  # involutions in the model (whatever form the file writes them in)
+    nodes_exported: int = 0  # nodes the exporter wrote
+    nodes_final: int = 0  # after onnxsim (Involution still one node each)
+    nodes_written: int = 0  # in the written file (standard forms expand each Involution)
     simplified: bool = False
     simplify_note: str | None = None
-    custom_nodes: int = 0
+    custom_nodes: int = 0  # ai.repconv::Involution nodes in the written file (0 for standard forms)
     op_counts: dict[str, int] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
     checks: list[OrtCheck] = field(default_factory=list)
     native_available: bool = False
+    specialized: list[str] = field(default_factory=list)  # data-dependent sites baked in (allow_specialize)
+    extra_forms: dict[str, Path] = field(default_factory=dict)  # target -> file, written beside the main one
+    notes: list[str] = field(default_factory=list)  # lines for the user: form written, exporter fallbacks
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -139,46 +119,13 @@ class ExportReport:
         return any(bool(v) for v in native) if native else None
 
 
-# ---------------------------------------------------------------------------------------------
-# repconv::involution -> ai.repconv::Involution
-# ---------------------------------------------------------------------------------------------
-
-_SYMBOLIC_REGISTERED = False
-
-
-def _register_symbolic() -> None:
-    global _SYMBOLIC_REGISTERED
-    if _SYMBOLIC_REGISTERED:
-        return
-    from torch.onnx import register_custom_op_symbolic
-    from torch.onnx.symbolic_helper import parse_args
-
-    @parse_args("v", "v", "i", "i", "i", "i")
-    def involution_symbolic(g: Any, x: Any, kernel: Any, kernel_size: int, stride: int, dilation: int,
-                            groups: int) -> Any:
-        out = g.op(
-            f"{inv_onnx.DOMAIN}::{inv_onnx.OP_TYPE}", x, kernel,
-            kernel_size_i=kernel_size, stride_i=stride, dilation_i=dilation, groups_i=groups,
-            padding_i=dilation * (kernel_size - 1) // 2,
-        )
-        # Output = X's (N, C) with the kernel's (Ho, Wo): lets the exporter type the node.
-        xs, ks = x.type().varyingSizes(), kernel.type().varyingSizes()
-        if xs is not None and ks is not None and len(xs) == 4 and len(ks) == 4:
-            out.setType(x.type().with_sizes([xs[0], xs[1], ks[2], ks[3]]))
-        return out
-
-    # Opset 9 is the lowest the registry knows; the entry serves every newer opset.
-    register_custom_op_symbolic("repconv::involution", involution_symbolic, 9)
-    _SYMBOLIC_REGISTERED = True
-
-
 def count_custom_nodes(model: onnx.ModelProto) -> int:
     """Number of ``ai.repconv::Involution`` nodes in the main graph."""
     return sum(1 for n in model.graph.node if n.domain == inv_onnx.DOMAIN and n.op_type == inv_onnx.OP_TYPE)
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
+# steps
 # ---------------------------------------------------------------------------------------------
 
 
@@ -190,75 +137,35 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise ExportError("example_inputs must be a tensor or a tuple of tensors")
 
 
-@contextlib.contextmanager
-def _quiet_native_output() -> Iterator[None]:
-    """Silence C++ writes to fds 1 and 2 while the TorchScript exporter / onnxsim run.
-
-    On failure the exporter dumps the whole TorchScript IR graph to stdout through its own logger,
-    which it forces on (``setup_onnx_logging`` tests a function object for truth); the user should
-    see our one-line error instead."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    try:
-        saved = [os.dup(1), os.dup(2)]
-    except OSError:  # no standard fds (embedded interpreters): nothing to silence
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-
-
 def _fresh(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """A copy per PyTorch run: a model that writes into its input (in-place ReLU first) must not
     change the tensors later fed to ONNX Runtime."""
     return tuple(t.clone() for t in inputs)
 
 
-def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     try:
         with torch.no_grad():
             out = model(*_fresh(inputs))
     except Exception as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise ExportError(f"the model fails on input {shapes}: {first_line(e)}") from None
-    flat = tensor_leaves(out)
-    if not flat:
+    if not tensor_leaves(out):
         raise ExportError("the model returns no tensors")
-    return [t.detach() for t in flat]
-
-
-def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Inputs with a different batch size (3 for batch 1, else 1) to prove the batch axis is free."""
-    n = inputs[0].shape[0]
-    if n == 1:
-        # Distinct samples so a batch-mixing bug cannot hide behind identical rows.
-        return tuple(torch.cat([t, t.flip(-1), t.roll(1, dims=-1)]) for t in inputs)
-    return tuple(t[:1] for t in inputs)
-
-
-# ---------------------------------------------------------------------------------------------
-# steps
-# ---------------------------------------------------------------------------------------------
+    return out
 
 
 def _fuse(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportReport, rtol: float,
           atol: float) -> nn.Module:
     """Run repconv's fusion pass; a model it cannot handle is exported unfused (with a note)."""
     from repconv.pipeline import fuse_with_report
+    from repconv.verification import VerificationError
 
     try:
         fused, fuse_report = fuse_with_report(model, _fresh(inputs), verify=True, rtol=rtol, atol=atol)
+    except VerificationError as e:
+        raise ExportCheckError(f"fusion changed the model's outputs: {first_line(e)}") from e
     except Exception as e:
-        _raise_if_verification(e)
         report.fuse_note = f"fusion skipped: {first_line(e, 200)}"
         return model
     for r in fuse_report.to_dict()["regions"]:
@@ -268,96 +175,12 @@ def _fuse(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: ExportRepo
     return fused
 
 
-def _raise_if_verification(e: Exception) -> None:
-    try:
-        from repconv.verification import VerificationError
-    except ImportError:
-        return
-    if isinstance(e, VerificationError):
-        raise ExportCheckError(f"fusion changed the model's outputs: {first_line(e)}") from e
-
-
-_OP_RE = re.compile(r"operator '([^']+)'")
-
-
-def _locate_op(model: nn.Module, inputs: tuple[torch.Tensor, ...], op: str) -> str | None:
-    """'path (Class)' of the innermost module that runs ``op``, from a TorchScript trace's scopes."""
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            traced = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.trace(
-                model, _fresh(inputs), check_trace=False)
-            graph = traced.inlined_graph
-    except Exception:
-        return None
-    for node in graph.nodes():
-        if node.kind() != op:
-            continue
-        scope = node.scopeName().split("/")[-1]
-        path = scope.removeprefix("__module").removeprefix(".")
-        try:
-            sub = model.get_submodule(path) if path else model
-            return f"{path or '<model>'} ({type(sub).__name__})"
-        except AttributeError:
-            return path or "<model>"
-    return None
-
-
-def _torch_export(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    n_outputs: int,
-    opset: int,
-    dynamic_batch: bool,
-    original: nn.Module,
-    report: ExportReport,
-) -> onnx.ModelProto:
-    _register_symbolic()
-    in_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
-    out_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
-    dynamic_axes = {name: {0: "batch"} for name in in_names + out_names} if dynamic_batch else None
-    buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            # without a dynamic batch, per-sample convs (CondConv, D-DW, ...) may bake the batch into
-            # one grouped Conv, which ORT runs faster than the batch-agnostic form
-            static = contextlib.nullcontext() if dynamic_batch else onnx_static_batch()
-            with _quiet_native_output(), torch.no_grad(), static:
-                torch.onnx.export(
-                    model, _fresh(inputs), buf, dynamo=False, opset_version=opset,
-                    input_names=in_names, output_names=out_names, dynamic_axes=dynamic_axes,
-                    custom_opsets={inv_onnx.DOMAIN: inv_onnx.DOMAIN_VERSION}, do_constant_folding=True,
-                )
-        except Exception as e:
-            msg = first_line(e)
-            m = _OP_RE.search(msg)
-            if m:
-                op = m.group(1)
-                where = _locate_op(original, inputs, op) or _locate_op(model, inputs, op)
-                place = f" in module {where}" if where else ""
-                raise UnsupportedOperatorError(
-                    f"operator {op}{place} has no ONNX translation at opset {opset}", op, where) from None
-            raise ExportError(f"ONNX export failed: {msg}") from None
-    for w in caught:  # tracer warnings can mean a wrong graph; the deprecation notice cannot
-        if not issubclass(w.category, DeprecationWarning | FutureWarning):
-            text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else w.category.__name__
-            if text not in report.warnings:
-                report.warnings.append(text[:200])
-    return onnx.load_from_string(buf.getvalue())
-
-
-def _finish_custom_domain(model: onnx.ModelProto, opset: int) -> None:
-    """Attach the function and the domain import (or drop the unused import); fix ir_version."""
+def _finish_domains(model: onnx.ModelProto, opset: int) -> None:
+    """Attach the Involution function and the domain import (or drop the unused import); fix ir_version."""
     if count_custom_nodes(model):
         if opset < inv_onnx.MIN_OPSET:
             raise ExportError(f"the Involution op needs opset >= {inv_onnx.MIN_OPSET}, got {opset}")
-        inv_onnx.ensure_involution_function(model)
-        for f in model.functions:  # the function's default opset must equal the model's
-            if f.domain == inv_onnx.DOMAIN and f.name == inv_onnx.OP_TYPE:
-                for imp in f.opset_import:
-                    if imp.domain in ("", "ai.onnx"):
-                        imp.version = opset
+        forms.apply_target(model, "onnxruntime", opset)
     else:
         keep = [o for o in model.opset_import if o.domain != inv_onnx.DOMAIN]
         del model.opset_import[:]
@@ -378,8 +201,8 @@ def _simplify(model: onnx.ModelProto, report: ExportReport) -> onnx.ModelProto:
     before = count_custom_nodes(model)
     try:
         # check_n=0: onnxsim's own check is skipped (it reports success even when it ran none);
-        # the ORT comparison below is the real check. Functions stay functions (no inlining).
-        with _quiet_native_output(), warnings.catch_warnings():
+        # the ORT comparison is the real check. Functions stay functions (no inlining).
+        with quiet_native_output(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             simplified, _ = onnxsim.simplify(copy.deepcopy(model), check_n=0, inline_functions=False,
                                              certify=False)
@@ -402,87 +225,16 @@ def _validate(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _native_options() -> Any | None:
-    """SessionOptions with repconv's native kernel registered, or None when the library is absent."""
+def _in_form(model: onnx.ModelProto, target: str, opset: int) -> onnx.ModelProto:
+    """A copy of the checked onnxruntime-form model in ``target``'s form, validated."""
+    if target == "onnxruntime" or not count_custom_nodes(model):
+        return model
     try:
-        from repconv import runtime
-    except ImportError:
-        return None
-    try:
-        if runtime.native_library() is None:
-            return None
-        return runtime.session_options()
-    except Exception:
-        return None
-
-
-def _ort_outputs(model_bytes: bytes, feeds: dict[str, np.ndarray], options: Any | None,
-                 profile: bool) -> tuple[list[np.ndarray], bool | None]:
-    import onnxruntime as ort
-
-    so = options if options is not None else ort.SessionOptions()
-    with tempfile.TemporaryDirectory(prefix="repconv-ort-") as tmp:
-        if profile:
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(tmp, "profile")
-        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-        outs = sess.run(None, feeds)
-        used = None
-        if profile:
-            with open(sess.end_profiling()) as fh:
-                events = json.load(fh)
-            used = any(ev.get("cat") == "Node" and ev.get("args", {}).get("op_name") == inv_onnx.OP_TYPE
-                       for ev in events)
-            so.enable_profiling = False
-    return [np.asarray(o) for o in outs], used
-
-
-def _compare(ref: list[torch.Tensor], got: list[np.ndarray], rtol: float, atol: float) -> tuple[float, float, bool]:
-    if len(ref) != len(got):
-        return math.inf, math.inf, False
-    max_abs = max_rel = 0.0
-    ok = True
-    for r, g in zip(ref, got, strict=True):
-        rn = r.to(torch.float64).numpy() if r.is_floating_point() else r.numpy()
-        if rn.shape != g.shape:
-            return math.inf, math.inf, False
-        if not rn.size:
-            continue
-        err = np.abs(rn.astype(np.float64) - g.astype(np.float64))
-        scale = float(np.abs(rn).max())
-        max_abs = max(max_abs, float(err.max()))
-        max_rel = max(max_rel, float(err.max()) / scale if scale else float(err.max()))
-        # Same criterion as repconv.verify: |err| <= atol + rtol * max|ref| per output (elementwise
-        # rtol would fail deep nets on near-zero outputs whose error is float32 accumulation).
-        ok = ok and float(err.max()) <= atol + rtol * scale and bool(np.isfinite(g).all())
-    return max_abs, max_rel, ok
-
-
-def _check_ort(model: onnx.ModelProto, cases: list[tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]],
-               rtol: float, atol: float, report: ExportReport) -> None:
-    data = model.SerializeToString()
-    names = [i.name for i in model.graph.input]
-    has_custom = count_custom_nodes(model) > 0
-    native = _native_options() if has_custom else None
-    report.native_available = native is not None
-    runtimes: list[tuple[str, Any | None]] = [("function", None)]
-    if native is not None and all(t.dtype == torch.float32 for t in cases[0][0]):
-        runtimes.append(("native", native))
-    for inputs, ref in cases:
-        feeds = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
-        for label, opts in runtimes:
-            try:
-                got, used = _ort_outputs(data, feeds, opts, profile=label == "native")
-            except Exception as e:
-                raise ExportCheckError(f"ONNX Runtime ({label}) cannot run the model: {first_line(e)}",
-                                       report.checks) from None
-            max_abs, max_rel, ok = _compare(ref, got, rtol, atol)
-            report.checks.append(OrtCheck(label, int(inputs[0].shape[0]), max_abs, max_rel, ok, used))
-            if not ok:
-                raise ExportCheckError(
-                    f"ONNX Runtime ({label}, batch {inputs[0].shape[0]}) differs from PyTorch: "
-                    f"max abs error {max_abs:.3g}, max rel {max_rel:.3g} (rtol={rtol:g}, atol={atol:g})",
-                    report.checks)
+        converted = forms.apply_target(copy.deepcopy(model), target, opset)
+    except forms.FormError as e:
+        raise ExportError(str(e)) from None
+    del converted.graph.value_info[:]  # re-inferred below, for the new nodes too
+    return _validate(converted)
 
 
 def _write_atomic(model: onnx.ModelProto, path: Path) -> None:
@@ -498,6 +250,32 @@ def _write_atomic(model: onnx.ModelProto, path: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _check_args(target: str, exporter: str, opset: int, path: Path) -> None:
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}: one of {', '.join(TARGETS)}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}: one of {', '.join(EXPORTERS)}")
+    low, high = OPSETS[exporter]
+    if not low <= opset <= high:
+        other = next(e for e in EXPORTERS if e != exporter)
+        hint = f"; the {other} exporter writes {OPSETS[other][0]}..{OPSETS[other][1]}" if (
+            OPSETS[other][0] <= opset <= OPSETS[other][1]) else ""
+        raise ExportError(f"opset {opset} is outside what the {exporter} exporter supports ({low}..{high}){hint}")
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory")
+
+
+def _form_note(report: ExportReport) -> str:
+    n = report.involution_nodes
+    if not n:
+        return f"target {report.target}: standard ONNX (no involution)"
+    if report.target == "onnxruntime":
+        return (f"target onnxruntime: {n} ai.repconv::Involution node(s) + model-local function "
+                "(ONNX Runtime and onnx.reference only; OpenVINO and tract refuse the custom domain)")
+    return (f"target {report.target}: {n} involution(s) written as standard ops (runs in ONNX Runtime, "
+            "OpenVINO, tract, onnx.reference; --target onnxruntime keeps the custom op for repconv's native kernel)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,45 +294,85 @@ def export_onnx_with_report(
     dynamic_batch: bool = False,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    target: str = DEFAULT_TARGET,
+    exporter: str = DEFAULT_EXPORTER,
+    allow_specialize: bool = False,
+    extra_targets: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> ExportReport:
     """:func:`export_onnx`, returning an :class:`ExportReport` of every step."""
     t0 = time.perf_counter()
-    target = Path(path)
+    out_path = Path(path)
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is outside what the exporter supports ({MIN_OPSET}..{MAX_OPSET})")
-    if target.is_dir():
-        raise ExportError(f"{target} is a directory")
+    _check_args(target, exporter, opset, out_path)
+    extras = {str(t): Path(p) for t, p in (extra_targets or {}).items()}
+    for t in extras:
+        if t not in TARGETS:
+            raise ExportError(f"unknown target {t!r}: one of {', '.join(TARGETS)}")
     inputs = tuple(t.detach().clone() for t in _as_tuple(example_inputs))
     if any(t.device.type != "cpu" for t in inputs):
         raise ExportError("export runs on the CPU: move the model and example inputs to the CPU first")
-    report = ExportReport(path=target, opset=opset)
+    report = ExportReport(path=out_path, opset=opset, exporter=exporter, target=target)
 
     with eval_mode(model):
-        ref = _reference(model, inputs)
-        cases = [(inputs, ref)]
-        if dynamic_batch:
-            other = _other_batch(inputs)
-            cases.append((other, _reference(model, other)))
-
+        cases = check_cases(inputs, dynamic_batch)
+        raw = _run(model, inputs)
+        for case in cases:
+            out = raw if case.inputs is inputs else _run(model, case.inputs)
+            case.reference = [t.detach() for t in tensor_leaves(out)]
         work: nn.Module = _fuse(model, inputs, report, rtol, atol) if fuse else model
         if work is model and not isinstance(model, torch.jit.ScriptModule):
             work = copy.deepcopy(model)  # the rewrite below must never touch the caller's module
         work.eval()
         work, report.involutions = rewrite_involutions(work, _fresh(inputs))
-        exported = _torch_export(work, inputs, len(ref), opset, dynamic_batch, model, report)
+        captured = capture(work, _fresh(inputs), raw, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
+                           allow_specialize=allow_specialize, original=model)
+    report.exporter = captured.exporter
+    report.warnings.extend(captured.warnings)
+    if captured.note:
+        report.notes.append(captured.note)
+    report.specialized = [str(s) for s in captured.specialized]
+    for s in report.specialized:
+        report.warnings.append(f"specialized (--allow-specialize): data-dependent control flow in {s}; "
+                               "the file holds the branch the example input takes")
 
-    _finish_custom_domain(exported, opset)
+    exported = captured.model
+    _finish_domains(exported, opset)
     report.nodes_exported = len(exported.graph.node)
-    final = _simplify(exported, report) if simplify else exported
-    _finish_custom_domain(final, opset)  # onnxsim may rewrite imports / ir_version
+    final = normalize(_simplify(exported, report) if simplify else exported)
+    _finish_domains(final, opset)  # onnxsim may rewrite imports / ir_version
     final = _validate(final)
     report.nodes_final = len(final.graph.node)
-    report.custom_nodes = count_custom_nodes(final)
-    report.op_counts = dict(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in final.graph.node))
-    report.ir_version = final.ir_version
-    _check_ort(final, cases, rtol, atol, report)
-    _write_atomic(final, target)
+    report.involution_nodes = count_custom_nodes(final)
+    report.input_names = [i.name for i in final.graph.input]
+    report.output_names = [o.name for o in final.graph.output]
+
+    def tolerate(case: Case) -> bool:  # a specialized export may differ where the branch flips
+        return bool(report.specialized) and case.label != "example"
+
+    written: dict[str, onnx.ModelProto] = {}
+    for t in [target, *(t for t in extras if t != target)]:
+        form = _in_form(final, t, opset)
+        checks, native = run_checks(form, cases, rtol, atol, tolerate=tolerate)
+        if t == target:
+            report.checks, report.native_available = checks, native
+        written[t] = form
+    main = written[target]
+    report.nodes_written = len(main.graph.node)
+    report.custom_nodes = count_custom_nodes(main)
+    report.op_counts = dict(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in main.graph.node))
+    report.ir_version = main.ir_version
+    for c in report.checks:
+        if not c.ok:
+            report.warnings.append(f"specialized export differs from PyTorch on the {c.input} input "
+                                   f"(max rel {c.max_rel:.2g}): that input takes the other branch")
+    _write_atomic(main, out_path)
+    for t, p in extras.items():
+        if t == target:
+            shutil.copyfile(out_path, p)
+        else:
+            _write_atomic(written[t], p)
+        report.extra_forms[t] = p
+    report.notes.insert(0, _form_note(report))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -570,21 +388,27 @@ def export_onnx(
     dynamic_batch: bool = False,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    target: str = DEFAULT_TARGET,
+    exporter: str = DEFAULT_EXPORTER,
+    allow_specialize: bool = False,
 ) -> Path:
     """Export ``model`` to ONNX at ``path``, checked in ONNX Runtime against PyTorch.
 
-    Steps: fuse (``repconv.fuse``; skipped with a note when the model cannot be traced), rewrite
-    third-party unfold-style involution to ``repconv::involution``, export (TorchScript exporter,
-    opset 17 by default), one ``ai.repconv::Involution`` node per involution with the model-local
-    function attached (plain ``onnxruntime.InferenceSession(path)`` runs it), onnxsim, ONNX checker
-    (full) and shape inference, then ORT vs PyTorch on ``example_inputs`` (plus another batch size
-    with ``dynamic_batch``), with the native kernel too when it is built. The file is written only
-    when everything passed (temp file + rename).
+    ``target``: ``"generic"`` (default; also ``"openvino"``, ``"tract"``) writes every involution
+    as standard ops, a file ONNX Runtime, OpenVINO, tract and ``onnx.reference`` all run;
+    ``"onnxruntime"`` writes one ``ai.repconv::Involution`` node each plus the model-local function,
+    which repconv's native ORT kernel replaces where registered (only ORT and onnx.reference load it).
+    ``exporter``: ``"dynamo"`` (torch.export, default) or ``"torchscript"`` (torch's tracer).
+    ``allow_specialize``: export data-dependent Python control flow anyway, baking in the branch the
+    example takes (the report's ``specialized`` says where); otherwise it is refused.
 
-    Raises :class:`ExportCheckError` beyond ``rtol``/``atol``, :class:`UnsupportedOperatorError` for
-    an operator without ONNX translation, :class:`ExportError` for other unexportable input.
+    The check compares ONNX Runtime with PyTorch on the example, two fresh inputs and, with
+    ``dynamic_batch``, a second batch size; the file is written only when everything passed (temp
+    file + rename). Raises :class:`ExportCheckError` beyond ``rtol``/``atol``,
+    :class:`DataDependentError` for data-dependent control flow, :class:`UnsupportedOperatorError`
+    for an operator without ONNX translation, :class:`ExportError` for other unexportable input.
     """
     return export_onnx_with_report(
-        model, path, example_inputs, fuse=fuse, opset=opset, simplify=simplify,
-        dynamic_batch=dynamic_batch, rtol=rtol, atol=atol,
+        model, path, example_inputs, fuse=fuse, opset=opset, simplify=simplify, dynamic_batch=dynamic_batch,
+        rtol=rtol, atol=atol, target=target, exporter=exporter, allow_specialize=allow_specialize,
     ).path

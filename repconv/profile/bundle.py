@@ -35,6 +35,11 @@ _NATIVE_PATTERNS = ("build.py", "CMakeLists.txt", "*.cmake", "Makefile", "build*
                     "*.map")
 
 
+# benchmark.py runs ONNX Runtime (with repconv's native kernel when built on the device), so a bundle
+# carries the onnxruntime form of the model whatever target the user's own file is for
+BUNDLE_TARGET = "onnxruntime"
+
+
 class BundleError(ValueError):
     """The bundle cannot be written as asked: one line for the user."""
 

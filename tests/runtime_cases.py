@@ -1,0 +1,72 @@
+"""Small instances of every operator family repconv exports (the runtime matrix and its benchmark)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from repconv.blocks.common import randomize_bn_
+from repconv.blocks.involution import Involution
+from repconv.blocks.models import demo_model
+from repconv.dynamic import (
+    ULSAM,
+    CondConv2d,
+    CoTAttention,
+    DRConv2d,
+    DynamicDWConv2d,
+    PSConv2d,
+    SEModule,
+    SKConv,
+    WeightNetConv2d,
+    mixer_tiny,
+)
+
+
+class InvolutionNet(nn.Module):
+    """Involution at stride 1 (K=7), stride 2 (K=3) and dilation 2 (K=3), between 1x1 convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.inv7 = Involution(16, 7, 1, group_channels=8)
+        self.inv3s2 = Involution(16, 3, 2, group_channels=4)
+        self.inv3d2 = Involution(16, 3, 1, group_channels=16, dilation=2)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inv3d2(self.inv3s2(self.inv7(self.stem(x)))))
+
+
+def _with_stem(block: nn.Module, channels: int) -> nn.Module:
+    """A 3 -> C conv-BN-ReLU stem, then the block (keeps every case a (N, 3, H, W) image model)."""
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), block)
+
+
+def _seeded(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return randomize_bn_(factory()).eval()
+
+    return make
+
+
+# name -> (model factory, input shape of one sample)
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "involution": (_seeded(InvolutionNet), (3, 12, 12)),
+    "cot": (_seeded(lambda: _with_stem(CoTAttention(16, share_planes=8), 16)), (3, 8, 8)),
+    "condconv": (_seeded(lambda: _with_stem(CondConv2d(8, 8, 3, num_experts=4), 8)), (3, 8, 8)),
+    "weightnet": (_seeded(lambda: _with_stem(WeightNetConv2d(8, 8, 3), 8)), (3, 8, 8)),
+    "ddw": (_seeded(lambda: _with_stem(DynamicDWConv2d(8, 3), 8)), (3, 8, 8)),
+    "drconv": (_seeded(lambda: _with_stem(DRConv2d(8, 8, 3, region_num=4), 8)), (3, 8, 8)),
+    "psconv": (_seeded(lambda: _with_stem(PSConv2d(16, 16, 3), 16)), (3, 8, 8)),
+    "sk-se-ulsam": (_seeded(lambda: _with_stem(nn.Sequential(SKConv(32, groups=8), SEModule(32, 8), ULSAM(32)), 32)),
+                    (3, 8, 8)),
+    "mixer": (_seeded(lambda: mixer_tiny(num_classes=5, img_size=16, dropout=0.0)), (3, 16, 16)),
+    "fused-static": (lambda: demo_model(), (3, 32, 32)),
+}
+
+# the families whose export holds ai.repconv::Involution nodes (the onnxruntime form differs)
+INVOLUTION_FAMILIES = ("involution", "cot")
