@@ -162,7 +162,7 @@ def _export(module: nn.Module, x: torch.Tensor, dynamic: bool) -> bytes:
 
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "m.onnx"
-                export_onnx(module, path, x, fuse=False, dynamic_batch=dynamic)
+                export_onnx(module, path, x, fuse=False, dynamic_batch=dynamic, target="onnxruntime")
                 return path.read_bytes()
         axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, input_names=["input"],

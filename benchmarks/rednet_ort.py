@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, factory in (("RedNet-26", rednet26), ("ResNet-26", resnet26)):
             t0 = time.perf_counter()
             path = Path(tmp) / f"{name}.onnx"
-            rep = export_onnx_with_report(_calibrate(factory(), shape), path, x)
+            rep = export_onnx_with_report(_calibrate(factory(), shape), path, x, target="onnxruntime")
             console.print(f"exported {name}: {rep.nodes_final} nodes, {rep.custom_nodes} Involution, "
                           f"ORT max abs err {rep.max_abs:.2e} ({time.perf_counter() - t0:.1f} s)")
             runtimes = ((["native"] if native_ok else []) + ["function"]) if rep.custom_nodes else ["-"]

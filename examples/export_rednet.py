@@ -24,7 +24,7 @@ def main(size: int = 112) -> None:
     model = rednet26(num_classes=10).eval()
     x = torch.randn(2, 3, size, size)
     with tempfile.TemporaryDirectory() as tmp:
-        path = repconv.export_onnx(model, Path(tmp) / "rednet26.onnx", x, dynamic_batch=True)
+        path = repconv.export_onnx(model, Path(tmp) / "rednet26.onnx", x, dynamic_batch=True, target="onnxruntime")
         nodes = onnx.load(str(path)).graph.node
         print(f"{len(nodes)} nodes, {sum(n.op_type == 'Involution' for n in nodes)} ai.repconv::Involution")
         with torch.no_grad():

@@ -43,7 +43,7 @@ def export_dynamic_onnx(module: nn.Module, example: Tensor, path: Path | None = 
         if export_onnx is not None:
             if path is None:
                 raise ValueError("export_dynamic_onnx: repconv.export_onnx needs a path")
-            export_onnx(module, path, example, dynamic_batch=dynamic_batch, fuse=fuse)
+            export_onnx(module, path, example, dynamic_batch=dynamic_batch, fuse=fuse, target="onnxruntime")
             return Path(path).read_bytes()
     buf = io.BytesIO()
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None

@@ -168,7 +168,8 @@ def _try_fuse(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module | Non
 def _export(module: nn.Module, path: Path, example: torch.Tensor, dynamic_batch: bool) -> Path:
     from repconv.export.onnx import export_onnx
 
-    return Path(export_onnx(module, path, (example,), fuse=False, dynamic_batch=dynamic_batch))
+    # ORT is what is timed: keep the custom op so repconv's native kernel runs where built
+    return Path(export_onnx(module, path, (example,), fuse=False, dynamic_batch=dynamic_batch, target="onnxruntime"))
 
 
 def _validate(runtimes: Sequence[str] | None, batch_sizes: Sequence[int] | None, threads: int | None,
