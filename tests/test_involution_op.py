@@ -229,3 +229,73 @@ def test_onnx_function_opset_floor():
         inv_onnx.involution_function(12)
     with pytest.raises(ValueError, match="odd"):
         inv_onnx.make_involution_node("x", "k", "y", 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# every runtime: the function (Loop with an explicit cond) in onnx.reference, the standard-op form
+# ------------------------------------------------------------------------------------------------
+
+
+def _feeds(cfg, batch=None):
+    n, c, h, w, k, s, d, g = cfg
+    x, kernel = _inputs(batch or n, c, h, w, k, s, g, dtype=torch.float32)
+    return {"x": x.numpy(), "kernel": kernel.numpy()}, involution_reference(x, kernel, k, s, d, g).numpy()
+
+
+def _close(got, ref):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_onnx_function_in_reference_evaluator(cfg):
+    """onnx.reference returned wrong outputs (rel. error ~1) when the Loop's cond was omitted."""
+    from onnx.reference import ReferenceEvaluator
+
+    n, c, h, w, k, s, d, g = cfg
+    feeds, ref = _feeds(cfg)
+    (y,) = ReferenceEvaluator(inv_onnx.involution_model(c, k, s, d, g, h, w, opset=18)).run(None, feeds)
+    _close(y, ref)
+
+
+def _standard(cfg, phases=True, batch="N"):
+    from repconv.export.forms import expand_involutions
+
+    n, c, h, w, k, s, d, g = cfg
+    model = expand_involutions(inv_onnx.involution_model(c, k, s, d, g, h, w, batch=batch, opset=18), phases=phases)
+    onnx.checker.check_model(model, full_check=True)
+    assert not model.functions and {o.domain for o in model.opset_import} == {""}
+    assert {nd.op_type for nd in model.graph.node} <= {"Pad", "Reshape", "Transpose", "Split", "Slice", "Mul", "Add"}
+    return model
+
+
+@pytest.mark.parametrize("phases", [True, False], ids=["phases", "strided"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_standard_form_in_onnxruntime_and_reference(cfg, phases):
+    from onnx.reference import ReferenceEvaluator
+
+    model = _standard(cfg, phases)
+    for batch in (cfg[0], cfg[0] + 1):  # the batch axis stays symbolic
+        feeds, ref = _feeds(cfg, batch)
+        _close(_plain_session(model).run(None, feeds)[0], ref)
+        _close(ReferenceEvaluator(model).run(None, feeds)[0], ref)
+
+
+@pytest.mark.thirdparty
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_standard_form_in_openvino_and_tract(cfg, tmp_path):
+    from repconv.export import runtimes
+
+    path = tmp_path / "inv.onnx"
+    onnx.save(_standard(cfg), str(path))
+    for rt in ("openvino", "tract"):
+        run = runtimes.load(rt, path)
+        for batch in (cfg[0], cfg[0] + 1):
+            feeds, ref = _feeds(cfg, batch)
+            _close(run(feeds)[0], ref)
+
+
+def test_standard_form_needs_static_spatial_dims():
+    from repconv.export.forms import FormError, expand_involutions
+
+    with pytest.raises(FormError, match="static channels, height and width"):
+        expand_involutions(inv_onnx.involution_model(8, 3, 1, 1, 2))  # symbolic H, W

@@ -1,6 +1,6 @@
 """The runtime matrix: every operator family repconv exports, static and dynamic batch, in every runtime.
 
-Each family (tests/runtime_cases.py) is exported once per batch mode with the defaults (dynamo
+Each family (repconv/export/families.py) is exported once per batch mode with the defaults (dynamo
 exporter, generic target: involution as standard ops) and run in ONNX Runtime and
 ``onnx.reference`` (both environments) and OpenVINO and tract (the third-party environment),
 against the PyTorch model at the export batch size and, for a dynamic batch, at another one.
@@ -29,8 +29,8 @@ import torch
 from onnx import defs, helper, numpy_helper
 
 from repconv.export import runtimes
+from repconv.export.families import FAMILIES, INVOLUTION_FAMILIES
 from repconv.export.onnx import ExportReport, export_onnx_with_report
-from tests.runtime_cases import FAMILIES, INVOLUTION_FAMILIES
 
 TOL = 1e-4
 BATCH = 2  # export batch (torch.export specializes a batch of 1)

@@ -121,7 +121,7 @@ def _node_attrs(node: NodeProto) -> tuple[int, int, int, int]:
     return k, s, d, g
 
 
-def _expand_one(node: NodeProto, shape: list[int | None], prefix: str) -> _Emitter:
+def _expand_one(node: NodeProto, shape: list[int | None], prefix: str, phases: bool) -> _Emitter:
     k, s, d, g = _node_attrs(node)
     if len(shape) != 4 or any(v is None for v in shape[1:]):
         raise FormError(f"Involution node {node.name!r}: the standard-op form needs static channels, height and "
@@ -131,22 +131,27 @@ def _expand_one(node: NodeProto, shape: list[int | None], prefix: str) -> _Emitt
         raise FormError(f"Involution node {node.name!r}: channels {c} not divisible by groups {g}")
     cg, kk, p = c // g, k * k, d * (k - 1) // 2
     ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
-    reach = (k - 1) * d // s  # largest tap offset inside a phase image
-    # phase images of hq x wq: every tap window fits, and the padded extent s*hq never crops X
-    hq = max(ho + reach, -(-(h + p) // s))
-    wq = max(wo + reach, -(-(w + p) // s))
     e = _Emitter(prefix)
     x, kernel = node.input
-    xp = e.op("Pad", [x, e.ints("pads", 0, 0, p, p, 0, 0, s * hq - h - p, s * wq - w - p)], e.name("xp"))
-    if s == 1:
-        phases = [e.op("Reshape", [xp, e.ints("x5_shape", 0, g, cg, hq, wq)], e.name("x5"))]
+    strided = s > 1 and not phases
+    if s == 1 or strided:
+        # one padded image; taps are windows of it (strided when s > 1: the slow form, for comparison)
+        hp, wp = h + 2 * p, w + 2 * p
+        xp = e.op("Pad", [x, e.ints("pads", 0, 0, p, p, 0, 0, p, p)], e.name("xp"))
+        sources = [e.op("Reshape", [xp, e.ints("x5_shape", 0, g, cg, hp, wp)], e.name("x5"))]
     else:
-        # (N, C, hq, s, wq, s) -> (N, s, s, C, hq, wq): phase (a, b) = Xp[:, :, a::s, b::s]
+        # s*s phase images of hq x wq: phase (a, b) = Xp[:, :, a::s, b::s], every tap a unit-stride
+        # window of one of them; the padded extent s*hq never crops X
+        reach = (k - 1) * d // s  # largest tap offset inside a phase image
+        hq = max(ho + reach, -(-(h + p) // s))
+        wq = max(wo + reach, -(-(w + p) // s))
+        xp = e.op("Pad", [x, e.ints("pads", 0, 0, p, p, 0, 0, s * hq - h - p, s * wq - w - p)], e.name("xp"))
+        # (N, C, hq, s, wq, s) -> (N, s, s, C, hq, wq) -> s*s chunks of G groups along axis 1
         x6 = e.op("Reshape", [xp, e.ints("x6_shape", 0, c, hq, s, wq, s)], e.name("x6"))
         xt = e.op("Transpose", [x6], e.name("xt"), perm=[0, 3, 5, 1, 2, 4])
         xg = e.op("Reshape", [xt, e.ints("xg_shape", 0, s * s * g, cg, hq, wq)], e.name("xg"))
-        phases = [e.name(f"phase{q}") for q in range(s * s)]
-        e.op("Split", [xg, e.ints("phase_split", *([g] * (s * s)))], phases, axis=1)
+        sources = [e.name(f"phase{q}") for q in range(s * s)]
+        e.op("Split", [xg, e.ints("phase_split", *([g] * (s * s)))], sources, axis=1)
     w5 = e.op("Reshape", [kernel, e.ints("w5_shape", 0, g, kk, ho, wo)], e.name("w5"))
     if kk == 1:
         taps = [w5]
@@ -154,14 +159,17 @@ def _expand_one(node: NodeProto, shape: list[int | None], prefix: str) -> _Emitt
         taps = [e.name(f"tap{t}") for t in range(kk)]
         e.op("Split", [w5, e.ints("tap_split", *([1] * kk))], taps, axis=2)
     axes = e.ints("axes", 3, 4)
+    steps = [e.ints("steps", s, s)] if strided else []
     acc = None
     for t in range(kk):
         ky, kx = divmod(t, k)
         oy, ox = ky * d, kx * d
-        y0, x0 = oy // s, ox // s
-        src = phases[(oy % s) * s + ox % s]
-        window = e.op("Slice", [src, e.ints(f"start{t}", y0, x0), e.ints(f"end{t}", y0 + ho, x0 + wo), axes],
-                      e.name(f"window{t}"))
+        if strided:
+            src, y0, x0, span_y, span_x = sources[0], oy, ox, (ho - 1) * s + 1, (wo - 1) * s + 1
+        else:
+            src, y0, x0, span_y, span_x = sources[(oy % s) * s + ox % s], oy // s, ox // s, ho, wo
+        window = e.op("Slice", [src, e.ints(f"start{t}", y0, x0), e.ints(f"end{t}", y0 + span_y, x0 + span_x), axes,
+                                *steps], e.name(f"window{t}"))
         prod = e.op("Mul", [window, taps[t]], e.name(f"prod{t}"))
         acc = prod if acc is None else e.op("Add", [acc, prod], e.name(f"acc{t}"))
     assert acc is not None
@@ -179,11 +187,13 @@ def _unique_prefixes(model: ModelProto, nodes: list[NodeProto]) -> Iterator[str]
         yield base
 
 
-def expand_involutions(model: ModelProto) -> ModelProto:
+def expand_involutions(model: ModelProto, *, phases: bool = True) -> ModelProto:
     """Replace every ``ai.repconv::Involution`` node by standard ops (in place; returns ``model``).
 
     Needs static C, H, W at each node (the batch may be symbolic) and default-domain opset >= 13.
-    Drops the function and the ``ai.repconv`` import. Raises :class:`FormError`.
+    Drops the function and the ``ai.repconv`` import. Raises :class:`FormError`. ``phases=False``
+    writes strided taps for stride > 1 instead of phase images: the slower form, kept so the
+    benchmark can show the difference (benchmarks/export_runtimes.py).
     """
     nodes = _involution_nodes(model)
     if not nodes:
@@ -194,7 +204,7 @@ def expand_involutions(model: ModelProto) -> ModelProto:
     shapes = _static_shapes(model)
     expanded: dict[int, _Emitter] = {}
     for node, prefix in zip(nodes, _unique_prefixes(model, nodes), strict=True):
-        expanded[id(node)] = _expand_one(node, shapes.get(node.input[0], []), prefix)
+        expanded[id(node)] = _expand_one(node, shapes.get(node.input[0], []), prefix, phases)
     new_nodes: list[NodeProto] = []
     for n in model.graph.node:
         em = expanded.get(id(n))

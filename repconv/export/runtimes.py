@@ -43,9 +43,16 @@ def available(runtime: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+_TELLING = ("No conversion rule", "Unimplemented", "not supported", "Unsupported", "No Op registered")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    """The line of a runtime's error that names the problem (OpenVINO's first lines name its sources)."""
+    lines = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    telling = next((ln for ln in lines if any(t in ln for t in _TELLING)), lines[0])
+    return telling[:300]
 
 
 def _onnxruntime(path: Path, threads: int, native: bool) -> Runner:

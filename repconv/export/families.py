@@ -1,4 +1,9 @@
-"""Small instances of every operator family repconv exports (the runtime matrix and its benchmark)."""
+"""Small instances of every operator family repconv exports: the runtime matrix's cases.
+
+Used by tests/test_runtime_matrix.py and benchmarks/runtime_support.py; not a stable API. Every
+factory returns a seeded eval-mode model with non-trivial BN statistics (``randomize_bn_``); the
+shapes are one sample's (the batch is the caller's).
+"""
 
 from __future__ import annotations
 
@@ -70,3 +75,24 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 # the families whose export holds ai.repconv::Involution nodes (the onnxruntime form differs)
 INVOLUTION_FAMILIES = ("involution", "cot")
+
+
+def calibrate(model: nn.Module, shape: tuple[int, ...], residual_gamma: float = 0.2) -> nn.Module:
+    """A deep untrained ResNet-like net made numerically sane, in place, returned in eval mode.
+
+    BN statistics come from two train-mode passes over random images; each residual branch's last
+    BN (``bn3`` / ``conv3.bn``: RedNet, CoTNet) gets gamma = ``residual_gamma``, as training leaves
+    it. Without that an untrained RedNet-26 / CoTNet-26 grows its activations to ~1e10, where float32
+    rounding, not the export, decides every comparison."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+            if name.endswith(("bn3", "conv3.bn")):
+                with torch.no_grad():
+                    m.weight.fill_(residual_gamma)
+    model.train()
+    with torch.no_grad():
+        for seed in range(2):
+            model(torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
