@@ -11,9 +11,10 @@ Forms (repconv.export.forms):
 
 Each thread setting (1, and all cores) is one interleaved run: every round runs every session once
 in a shuffled order, so machine noise hits all of them alike. The table gives medians, the 10-90 %
-range, the ratio to ORT native at the same thread count, and each session's max relative error
-against PyTorch. tract's Python API has no thread setting (one thread): it appears in the 1-thread
-rows only. onnx.reference (pure numpy) is a correctness tool, not timed here (tests/test_runtime_matrix.py).
+range, the ratio to ORT native (the median over rounds of the per-round ratio, so drift between
+rounds cancels) and each session's max relative error against PyTorch. tract's Python API has no
+thread setting (one thread): it appears in the 1-thread rows only. onnx.reference (pure numpy) is a
+correctness tool, not timed here (tests/test_runtime_matrix.py, benchmarks/runtime_support.py).
 
     python benchmarks/export_runtimes.py [--size 224] [--rounds 20] [--threads 1,0] [--models rednet26,cotnet26]
 """
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             del sessions
 
     table = Table(title=f"input {'x'.join(map(str, shape))}, {cores} cores, median of {args.rounds} interleaved "
-                        "rounds (ms); ratio = median / ORT native median at the same thread count")
+                        "rounds (ms); vs ORT native = median over rounds of the time / ORT native's time in "
+                        "the same round (same thread count)")
     for col in ("model", "form", "runtime", "threads", "median ms", "p10-p90 ms", "vs ORT native", "max rel err"):
         table.add_column(col, justify="left" if col in ("model", "form", "runtime") else "right")
     for s in results:
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         base = next(b for b in results if b.model == s.model and b.threads == s.threads
                     and b.runtime == "onnxruntime-native")
         p10, p90 = np.percentile(s.times, [10, 90])
+        ratio = statistics.median(t / b for t, b in zip(s.times, base.times, strict=True))
         table.add_row(s.model, s.form, s.label, str(s.threads), f"{med:.1f}", f"{p10:.1f}-{p90:.1f}",
-                      f"{med / statistics.median(base.times):.2f}x", f"{s.rel_err:.1e}")
+                      f"{ratio:.2f}x", f"{s.rel_err:.1e}")
     console.print(table)
     return 0
 

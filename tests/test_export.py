@@ -462,3 +462,36 @@ def test_third_party_cases_export(tmp_path, case):
     path = export_onnx(model, tmp_path / f"{name}.onnx", x)
     with torch.no_grad():
         _assert_close(_run(path, x), model(x))
+
+
+def test_output_names_follow_the_structure():
+    from repconv.export.capture import output_names
+
+    t = torch.zeros(1)
+    assert output_names(t) == ["output"]
+    assert output_names((t, t)) == ["output_0", "output_1"]
+    assert output_names({"logits": t, "aux": (t, [t, None, 3]), "a b": t}) == ["logits", "aux.0", "aux.1.0", "a_b"]
+    assert output_names({"input": t}, taken=["input"]) == ["input_1"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_tuple_outputs_with_two_inputs(tmp_path, exporter):
+    class TwoInTwoOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.conv(a)
+            return y + b, (y * b).sum((1, 2, 3))
+
+    model = TwoInTwoOut().eval()
+    x = (_x(2, 3, 6, 6), _x(2, 4, 6, 6))
+    report = export_onnx_with_report(model, tmp_path / "t.onnx", x, dynamic_batch=True, exporter=exporter)
+    assert (report.input_names, report.output_names) == (["input_0", "input_1"], ["output_0", "output_1"])
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    a, b = torch.randn(3, 3, 6, 6), torch.randn(3, 4, 6, 6)
+    got = sess.run(None, {"input_0": a.numpy(), "input_1": b.numpy()})
+    with torch.no_grad():
+        for g, r in zip(got, model(a, b), strict=True):
+            _assert_close(g, r)

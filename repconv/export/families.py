@@ -15,6 +15,7 @@ from torch import nn
 from repconv.blocks.common import randomize_bn_
 from repconv.blocks.involution import Involution
 from repconv.blocks.models import demo_model
+from repconv.blocks.repmlp import RepMLPBlock
 from repconv.dynamic import (
     ULSAM,
     CondConv2d,
@@ -70,7 +71,9 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "sk-se-ulsam": (_seeded(lambda: _with_stem(nn.Sequential(SKConv(32, groups=8), SEModule(32, 8), ULSAM(32)), 32)),
                     (3, 8, 8)),
     "mixer": (_seeded(lambda: mixer_tiny(num_classes=5, img_size=16, dropout=0.0)), (3, 16, 16)),
+    # RepVGG, ACNet, DBB, DO-Conv, MobileOne, RepLK blocks and a Linear+BN head, all fused away
     "fused-static": (lambda: demo_model(), (3, 32, 32)),
+    "repmlp": (_seeded(lambda: _with_stem(RepMLPBlock(8, 8, 8, 8, 4, 4), 8)), (3, 8, 8)),
 }
 
 # the families whose export holds ai.repconv::Involution nodes (the onnxruntime form differs)

@@ -19,12 +19,11 @@ The standard-op form ("phase-decomposed taps"), per node with K, stride s, dilat
 
 Every tap is then a *unit-stride* window of one phase image. Measured in OpenVINO 2026.4 (CPU,
 f32, 1 thread) on RedNet-26 at 224x224, as a multiple of ORT with repconv's native kernel: the
-per-tap strided ``Slice`` form 1.72-1.87x (OpenVINO's strided Slice is a slow reference kernel:
+per-tap strided ``Slice`` form 1.73-1.87x (OpenVINO's strided Slice is a slow reference kernel:
 0.33 ms per tap at 28x28x128, 2/3 of the whole involution time), this form 1.30-1.33x. Also
-measured and dropped: ``Sum`` instead of an ``Add`` chain (1.81x), contiguous 1-D windows of
-flattened planes (1.38x with phases), an im2col ``Conv`` with one-hot kernels + ``ReduceSum``
-(5.0x), and a separable variant (K row slices of X, kernel planes shifted along columns, K column
-slices of the partial sums: 1.22-1.28x in OpenVINO, but slower in tract and on CoTNet-26, and
+measured and dropped (docs/involution_op.md has the table): ``Sum`` instead of an ``Add`` chain,
+contiguous 1-D windows of flattened planes, an im2col ``Conv`` with one-hot kernels + ``ReduceSum``
+(5.0x), and a separable variant (1.22-1.28x in OpenVINO, but slower in tract and on CoTNet-26, and
 twice the code).
 """
 

@@ -319,13 +319,22 @@ def export_onnx_with_report(
         for case in cases:
             out = raw if case.inputs is inputs else _run(model, case.inputs)
             case.reference = [t.detach() for t in tensor_leaves(out)]
-        work: nn.Module = _fuse(model, inputs, report, rtol, atol) if fuse else model
-        if work is model and not isinstance(model, torch.jit.ScriptModule):
-            work = copy.deepcopy(model)  # the rewrite below must never touch the caller's module
-        work.eval()
-        work, report.involutions = rewrite_involutions(work, _fresh(inputs))
-        captured = capture(work, _fresh(inputs), raw, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
-                           allow_specialize=allow_specialize, original=model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            work: nn.Module = _fuse(model, inputs, report, rtol, atol) if fuse else model
+            if work is model and not isinstance(model, torch.jit.ScriptModule):
+                work = copy.deepcopy(model)  # the rewrite below must never touch the caller's module
+            work.eval()
+            work, report.involutions = rewrite_involutions(work, _fresh(inputs))
+            captured = capture(work, _fresh(inputs), raw, exporter=exporter, opset=opset,
+                               dynamic_batch=dynamic_batch, allow_specialize=allow_specialize, original=model)
+        # torch's notices about its own APIs (TorchScript conversion, pytree renames) stay off the
+        # user's terminal; anything else is reported
+        for w in caught:
+            if not issubclass(w.category, DeprecationWarning | FutureWarning):
+                text = first_line(w.message if isinstance(w.message, Exception) else Warning(str(w.message)), 240)
+                if text not in report.warnings:
+                    report.warnings.append(text)
     report.exporter = captured.exporter
     report.warnings.extend(captured.warnings)
     if captured.note:
