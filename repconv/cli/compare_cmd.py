@@ -36,6 +36,8 @@ from repconv.cli.quantize_cmd import _db, batches_or_exit, load_any, load_calibr
               help="Quantize each layer of REF alone (ORT static INT8) and report the output SQNR per layer.")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="Calibration method for --sensitivity.")
+@click.option("--reduce-range/--no-reduce-range", "reduce_range", default=None,
+              help="--sensitivity: 7-bit weights (default: on x86 CPUs without VNNI, as `repconv quantize`).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write JSON here.")
 @click.option("--input-shape", "input_shape", default=None,
               help="Input shape when both models are PyTorch (default: inferred from the first layer).")
@@ -43,8 +45,8 @@ from repconv.cli.quantize_cmd import _db, batches_or_exit, load_any, load_calibr
               help="Allow loading full pickled modules (runs code from the files; only for trusted files).")
 def compare_command(reference: str, candidate: str | None, per_layer: bool, inputs: str | None, random_n: int | None,
                     mean: str | None, std: str | None, rtol: float, atol: float, min_sqnr: float | None,
-                    sensitivity: bool, method: str, report_path: str | None, input_shape: str | None,
-                    allow_pickle: bool) -> None:
+                    sensitivity: bool, method: str, reduce_range: bool | None, report_path: str | None,
+                    input_shape: str | None, allow_pickle: bool) -> None:
     """Compare CAND against REF: a PyTorch model and an ONNX file, two ONNX files (fp32 vs INT8) or two
     PyTorch models. Exit 1 when the outputs (or, with --per-layer, any layer) exceed the tolerance."""
     if candidate is None and not sensitivity:
@@ -74,7 +76,7 @@ def compare_command(reference: str, candidate: str | None, per_layer: bool, inpu
         out["compare"] = result.to_dict()
         failed = not result.ok
     if sensitivity:
-        out["sensitivity"] = _sensitivity(ref, reference, data, method, source, shape)
+        out["sensitivity"] = _sensitivity(ref, reference, data, method, reduce_range, source, shape)
     if report_path:
         with atomic_output(report_path, protect=tuple(p for p in (reference, candidate) if p)) as tmp:
             tmp.write_text(json.dumps(out, indent=2))
@@ -140,7 +142,7 @@ def _print_compare(result: Any, reference: str, candidate: str, source: str, per
         console.print("run with --per-layer to find the first diverging layer")
 
 
-def _sensitivity(ref: Any, spec: str, data: list[np.ndarray], method: str, source: str,
+def _sensitivity(ref: Any, spec: str, data: list[np.ndarray], method: str, reduce_range: bool | None, source: str,
                  shape: tuple[int, ...]) -> dict[str, Any]:
     import onnx
 
@@ -158,7 +160,7 @@ def _sensitivity(ref: Any, spec: str, data: list[np.ndarray], method: str, sourc
         except ExportError as e:
             raise UsageFailure(str(e)) from None
     try:
-        rep = sensitivity(fp32, data, data, method=method)
+        rep = sensitivity(fp32, data, data, method=method, reduce_range=reduce_range)
     except QuantizeError as e:
         raise CheckFailure(str(e)) from None
     table = Table(title=f"INT8 sensitivity of {spec}: each layer quantized alone ({method}; calibrated and "

@@ -124,20 +124,22 @@ def print_risk(report: Any, title: str, top: int | None = None) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("layer", no_wrap=True)
-    for col in ("pred. SQNR dB", "w / in / out dB", "w max/med (n)", "act max/med (n)"):
+    for col in ("output SQNR dB", "layer SQNR dB", "w / in / out dB", "w max/med (n)", "act max/med (n)"):
         table.add_column(col, justify="right")
     table.add_column("worst outlier <- branch")
     for lr in report.layers[:top]:
         n_out = len(lr.weight_outliers) + len(lr.act_outliers)
         style = "red" if lr.rank == 1 and n_out else None
-        table.add_row(str(lr.rank), escape(lr.name), _db(lr.sqnr_db),
+        table.add_row(str(lr.rank), escape(lr.name), _db(lr.risk_sqnr_db), _db(lr.sqnr_db),
                       f"{_db(lr.weight_sqnr_db)} / {_db(lr.input_sqnr_db)} / {_db(lr.output_sqnr_db)}",
                       f"{lr.weight_ratio:.1f} ({len(lr.weight_outliers)})",
                       f"{lr.act_ratio:.1f} ({len(lr.act_outliers)})", escape(_outlier_text(lr)), style=style)
     console.print(table)
-    console.print(f"[dim]predicted INT8 SQNR from weight and activation ranges on {report.samples} calibration "
-                  f"samples (per-channel int8 weights, per-tensor 8-bit activations); outliers: channels at "
-                  f">= {report.outlier_ratio:g}x the layer's median abs-max[/dim]")
+    console.print(f"[dim]output SQNR: the model's output with only that layer in INT8 (per-tensor 8-bit "
+                  f"activations, per-channel {'7' if report.reduce_range else '8'}-bit weights as `repconv quantize` "
+                  f"makes them here, ranges from {report.samples} calibration samples); "
+                  "layer SQNR: that layer's own rounding noise predicted from its weight / input / output ranges; "
+                  f"outliers: channels at >= {report.outlier_ratio:g}x the layer's median abs-max[/dim]")
     for note in report.notes:
         console.print(f"[cyan]note:[/cyan] {escape(note)}")
 
@@ -180,6 +182,8 @@ def quant_inspect(fused: torch.nn.Module, fuse_report: Any, shape: tuple[int, ..
 @calib_options
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="How ONNX Runtime turns calibration activations into ranges.")
+@click.option("--reduce-range/--no-reduce-range", "reduce_range", default=None,
+              help="7-bit weights (default: on x86 CPUs without VNNI, whose u8 x s8 kernels saturate with 8 bits).")
 @click.option("--holdout", type=int, default=None,
               help="Samples kept out of calibration to measure drift (default: a fifth of --calib, at least 1; "
                    "with --calib-random N, N/4 fresh random ones).")
@@ -194,8 +198,9 @@ def quant_inspect(fused: torch.nn.Module, fuse_report: Any, shape: tuple[int, ..
 @click.option("--allow-pickle", is_flag=True,
               help="Allow loading a full pickled module (runs code from the file; only for trusted files).")
 def quantize_command(model: str, output: str, calib: str | None, calib_random: int | None, mean: str | None,
-                     std: str | None, method: str, holdout: int | None, report_path: str | None, no_latency: bool,
-                     input_shape: str | None, weights: str | None, allow_pickle: bool) -> None:
+                     std: str | None, method: str, reduce_range: bool | None, holdout: int | None,
+                     report_path: str | None, no_latency: bool, input_shape: str | None, weights: str | None,
+                     allow_pickle: bool) -> None:
     """Quantize MODEL to INT8 with ONNX Runtime (QDQ, per-channel weights) and measure the drift.
 
     MODEL is anything `repconv fuse` takes (fused and exported first, as `repconv export` does) or an
@@ -247,8 +252,8 @@ def quantize_command(model: str, output: str, calib: str | None, calib_random: i
         except CalibrationError as e:
             raise UsageFailure(str(e)) from None
     try:
-        result = quantize_fp32(fp32, cal, evaluate, method=method, calibration=source, latency=not no_latency,
-                               notes=export_note)
+        result = quantize_fp32(fp32, cal, evaluate, method=method, reduce_range=reduce_range, calibration=source,
+                               latency=not no_latency, notes=export_note)
     except QuantizeError as e:
         raise CheckFailure(f"{e} - nothing written") from None
     except ValueError as e:  # calibration batches (sizes) that do not fit the model
@@ -266,8 +271,9 @@ def quantize_command(model: str, output: str, calib: str | None, calib_random: i
 
 def _print_quantized(result: Any, spec: str) -> None:
     d = result.drift
-    console.print(f"INT8 (QDQ, per-channel weights, {result.method} calibration on {result.calib_samples} samples): "
-                  f"{result.quantized_nodes} nodes quantized")
+    bits = "7-bit (reduce range)" if result.reduce_range else "8-bit"
+    console.print(f"INT8 (QDQ, per-channel {bits} weights, {result.method} calibration on {result.calib_samples} "
+                  f"samples): {result.quantized_nodes} nodes quantized")
     table = Table(title=f"drift of INT8 {spec} vs fp32 on {d.samples} held-out samples", title_justify="left")
     for col in ("SQNR dB", "cosine", "max rel err", "max abs err", "top-1 agreement"):
         table.add_column(col, justify="right")

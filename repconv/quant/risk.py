@@ -11,16 +11,20 @@ For every conv / linear of the fused model:
   fused kernel into one additive term per original branch (``Region.terms``), so the extreme weight
   ``W[c, t]`` splits exactly into ``sum_b W_b[c, t]``, and the extreme activation ``y[c]`` at the
   place it occurred into ``sum_b (W_b * x + bias_b)[c]``;
-* a predicted signal-to-quantization-noise ratio of the INT8 layer, from these statistics alone: a
-  uniform quantizer of step D adds noise of power D^2 / 12, so per-channel symmetric int8 weights give
-  SQNR_w = sum w^2 / sum_c n_c (D_c^2 / 12) with D_c = absmax_c / 127.5, and a per-tensor 8-bit
-  activation over [min(0, lo), max(0, hi)] gives SQNR_a = E[t^2] / (D^2 / 12) with D = range / 255.
-  The layer's figure combines its input, weights and output (noise powers add), which is what
-  quantizing that one layer does (``repconv compare --sensitivity``). A channel with a range far
-  above the others' stretches the per-tensor step for all of them: that is how the identity / 1x1 BNs
-  of RepVGG (arXiv 2212.01593) ruin INT8.
+* the layer's own quantization noise predicted from these ranges: a uniform quantizer of step D adds
+  noise of power D^2 / 12, so per-channel symmetric int8 weights give SQNR_w = sum w^2 / sum_c n_c
+  (D_c^2 / 12) with D_c = absmax_c / 127 (/ 64 with 7-bit weights), and a per-tensor 8-bit activation over
+  [min(0, lo), max(0, hi)] gives SQNR_a = E[t^2] / (D^2 / 12) with D = range / 255. A channel whose
+  range is far above the others' stretches the per-tensor step for all of them: that is how the
+  identity / 1x1 BNs of RepVGG ruin INT8 (arXiv 2212.01593);
+* the risk itself, the model's output SQNR with that layer alone in INT8: its input, weights and output
+  rounded on the grids ONNX Runtime's static quantization would use for those ranges (per-tensor
+  activations including 0, per-channel symmetric weights), the rest of the model in fp32, on the
+  calibration data. Local noise matters in proportion to how much of it reaches the output (pooling
+  averages it away, the classifier passes it on), which this measures and the local figures cannot.
+  ``repconv compare --sensitivity`` measures the same with ONNX Runtime itself.
 
-Layers are ranked by that SQNR, lowest (riskiest) first.
+Layers are ranked by that output SQNR, lowest (riskiest) first.
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repconv.graph import FuseReport, region_kind, region_result
+from repconv.util import eval_mode, tensor_leaves
 
-from .metrics import finite_or_none
+from .metrics import ErrorStats, finite_or_none
 
 DEFAULT_OUTLIER_RATIO = 4.0
-WEIGHT_LEVELS = 255.0  # symmetric int8: scale = absmax / 127.5
+WEIGHT_QMAX = 127  # ORT's symmetric int8 weights: q in [-127, 127], scale = absmax / 127
+REDUCED_WEIGHT_QMAX = 64  # with reduce_range: q in [-64, 64]
 ACT_LEVELS = 255.0
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -97,7 +103,8 @@ class LayerRisk:
     weight_sqnr_db: float
     input_sqnr_db: float
     output_sqnr_db: float
-    sqnr_db: float  # the three combined
+    sqnr_db: float  # the three combined: the layer's local SQNR
+    risk_sqnr_db: float = math.nan  # the model output's SQNR with this layer alone in INT8
     branches: list[str] = field(default_factory=list)  # labels of the decomposition terms
     rank: int = 0
 
@@ -111,6 +118,7 @@ class LayerRisk:
         return {
             "rank": self.rank, "layer": self.name, "block": self.block, "kind": self.kind, "result": self.result,
             "out_channels": self.out_channels, "branches": self.branches,
+            "output_sqnr_db": finite_or_none(self.risk_sqnr_db),
             "predicted_sqnr_db": {"total": finite_or_none(self.sqnr_db), "weights": finite_or_none(self.weight_sqnr_db),
                                   "input": finite_or_none(self.input_sqnr_db),
                                   "output": finite_or_none(self.output_sqnr_db)},
@@ -129,10 +137,12 @@ class RiskReport:
     layers: list[LayerRisk]  # ranked, riskiest first
     samples: int
     outlier_ratio: float
+    reduce_range: bool
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "outlier_ratio": self.outlier_ratio, "notes": self.notes,
+        return {"samples": self.samples, "outlier_ratio": self.outlier_ratio, "reduce_range": self.reduce_range,
+                "notes": self.notes,
                 "ranking": [lr.name for lr in self.layers], "layers": [lr.to_dict() for lr in self.layers]}
 
 
@@ -310,50 +320,53 @@ def _ranked(parts: list[Contribution], total: float) -> list[Contribution]:
 
 
 def analyze_risk(fused: nn.Module, report: FuseReport | None, batches: Sequence[Tensor], *,
-                 outlier_ratio: float = DEFAULT_OUTLIER_RATIO) -> RiskReport:
+                 outlier_ratio: float = DEFAULT_OUTLIER_RATIO, reduce_range: bool | None = None) -> RiskReport:
     """Risk of every conv / linear in ``fused`` (the output of ``repconv.fuse_with_report``) on the
-    calibration ``batches``; ``report`` supplies the branch decomposition of fused layers."""
+    calibration ``batches``; ``report`` supplies the branch decomposition of fused layers.
+    ``reduce_range``: 7-bit weights, as ``repconv quantize`` uses on this CPU by default."""
+    from .ort_quant import default_reduce_range
+
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
+    qmax = REDUCED_WEIGHT_QMAX if reduce_range else WEIGHT_QMAX
     if outlier_ratio <= 1.0:
         raise ValueError(f"outlier_ratio must be above 1, got {outlier_ratio}")
     regions = _region_terms(report)
     relu = _relu_followed(fused)
     layers = [(name, m) for name, m in fused.named_modules() if isinstance(m, LAYER_TYPES)]
     stats = {name: _LayerStats(m, name in relu, regions.get(name, (None, []))[1]) for name, m in layers}
-    hooks = [m.register_forward_hook(stats[name]) for name, m in layers]
-    was_training = fused.training
-    fused.eval()
-    try:
-        with torch.no_grad():
-            for b in batches:
-                fused(b)
-    finally:
-        for h in hooks:
-            h.remove()
-        fused.train(was_training)
     notes = []
     if regions and not any(terms for _, terms in regions.values()):
         notes.append("the fusion report carries no branch decomposition: outliers are not attributed to branches")
     risks = []
-    for name, m in layers:
-        s = stats[name]
-        if s.ch_absmax is None:
-            notes.append(f"{name} did not run on the calibration data: skipped")
-            continue
-        region, terms = regions.get(name, (None, []))
-        risks.append(_layer_risk(name, m, s, region, terms, outlier_ratio))
-    risks.sort(key=lambda r: (r.sqnr_db, -max(r.act_ratio, r.weight_ratio)))
+    with eval_mode(fused), torch.no_grad():
+        hooks = [m.register_forward_hook(stats[name]) for name, m in layers]
+        try:
+            for b in batches:
+                fused(b)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, m in layers:
+            s = stats[name]
+            if s.ch_absmax is None:
+                notes.append(f"{name} did not run on the calibration data: skipped")
+                continue
+            region, terms = regions.get(name, (None, []))
+            risks.append(_layer_risk(name, m, s, region, terms, outlier_ratio, qmax))
+        _simulate_each(fused, dict(layers), stats, risks, batches, qmax)
+    risks.sort(key=lambda r: (r.risk_sqnr_db, r.sqnr_db))
     for i, r in enumerate(risks, 1):
         r.rank = i
-    return RiskReport(risks, sum(int(b.shape[0]) for b in batches), outlier_ratio, notes)
+    return RiskReport(risks, sum(int(b.shape[0]) for b in batches), outlier_ratio, reduce_range, notes)
 
 
 def _layer_risk(name: str, m: nn.Module, s: _LayerStats, region: Any, terms: list[_Term],
-                threshold: float) -> LayerRisk:
+                threshold: float, qmax: int) -> LayerRisk:
     w = m.weight.detach().double().cpu()
     per_ch = w.reshape(w.shape[0], -1)
     absmax = per_ch.abs().max(dim=1).values
     w_ratio = _ratio(absmax)
-    step = absmax / (WEIGHT_LEVELS / 2.0)
+    step = absmax / qmax
     w_noise = float((step.square() / 12.0).sum() * per_ch.shape[1])
     weight_sqnr = _db(float(per_ch.square().sum()), w_noise)
     input_sqnr = _act_sqnr(s.in_lo, s.in_hi, s.in_sq, s.in_n)
@@ -387,3 +400,51 @@ def _shape_label(m: nn.Module) -> str:
     if isinstance(m, nn.Conv1d):
         return f"{m.kernel_size[0]} conv1d"
     return "linear"
+
+
+# --------------------------------------------------------------------------- one layer in INT8
+
+def fake_quant_activation(x: Tensor, lo: float, hi: float) -> Tensor:
+    """8-bit per-tensor rounding over [min(0, lo), max(0, hi)] with an exact zero (ORT's QDQ activations)."""
+    rmin, rmax = min(lo, 0.0), max(hi, 0.0)
+    scale = (rmax - rmin) / ACT_LEVELS
+    if scale <= 0:
+        return x
+    zero = round(-rmin / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, ACT_LEVELS) - zero) * scale
+
+
+def fake_quant_weight(w: Tensor, qmax: int = WEIGHT_QMAX) -> Tensor:
+    """Per-output-channel symmetric rounding onto [-qmax, qmax] * absmax / qmax (ORT's per-channel weights)."""
+    absmax = w.detach().reshape(w.shape[0], -1).abs().amax(1).clamp_min(1e-30)
+    scale = (absmax / qmax).reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+def _int8_forward(m: nn.Module, s: _LayerStats, qmax: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        x = fake_quant_activation(args[0], s.in_lo, s.in_hi)
+        w = fake_quant_weight(module.weight, qmax)
+        y = module._conv_forward(x, w, module.bias) if isinstance(module, nn.Conv1d | nn.Conv2d) else F.linear(
+            x, w, module.bias)
+        return fake_quant_activation(y, s.out_lo if not s.relu_after else 0.0, s.out_hi)
+    return m.register_forward_hook(hook)
+
+
+def _simulate_each(fused: nn.Module, modules: dict[str, nn.Module], stats: dict[str, _LayerStats],
+                   risks: list[LayerRisk], batches: Sequence[Tensor], qmax: int) -> None:
+    """``risk_sqnr_db`` of each layer: the output SQNR with only that layer rounded to INT8."""
+    with torch.no_grad():
+        reference = [[t.detach().double().numpy() for t in tensor_leaves(fused(b))] for b in batches]
+        for r in risks:
+            handle = _int8_forward(modules[r.name], stats[r.name], qmax)
+            try:
+                err = ErrorStats()
+                for b, ref in zip(batches, reference, strict=True):
+                    for a, z in zip(ref, tensor_leaves(fused(b)), strict=True):
+                        err.add(a, z.detach().double().numpy())
+            finally:
+                handle.remove()
+            r.risk_sqnr_db = err.sqnr_db

@@ -52,7 +52,8 @@ class SensitivityReport:
 
 
 def sensitivity(fp32: onnx.ModelProto, calib: Sequence[np.ndarray], evaluate: Sequence[np.ndarray], *,
-                method: str = "minmax", nodes: Sequence[str] | None = None) -> SensitivityReport:
+                method: str = "minmax", reduce_range: bool | None = None,
+                nodes: Sequence[str] | None = None) -> SensitivityReport:
     """Per-layer sensitivity of ``fp32`` (batches of the model's batch size for calibration and evaluation)."""
     layers = OnnxLayers(fp32)
     targets = [n for n in fp32.graph.node if n.op_type in WEIGHT_OPS and (nodes is None or n.name in nodes)]
@@ -63,8 +64,8 @@ def sensitivity(fp32: onnx.ModelProto, calib: Sequence[np.ndarray], evaluate: Se
     with tempfile.TemporaryDirectory(prefix="repconv-sens-") as tmp:
         cache = Path(tmp) / "calibration.json"
         for node in targets:
-            quantized = quantize_onnx(fp32, calib, method=method, nodes_to_quantize=[node.name], cache=cache,
-                                      notes=notes)
+            quantized = quantize_onnx(fp32, calib, method=method, reduce_range=reduce_range,
+                                      nodes_to_quantize=[node.name], cache=cache, notes=notes)
             if custom_nodes(quantized):
                 check_loads(quantized)
             got = run_batches(session(quantized, native=True), name, evaluate)
