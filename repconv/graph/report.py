@@ -6,11 +6,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
+from torch import Tensor
 
 from repconv.algebra import ConvKernel
 from repconv.verification import VerifyReport
 
 from .affine import Affine
+
+
+@dataclass
+class BranchTerm:
+    """One original branch's exact share of a fused kernel, in float64 (``weight`` has the fused
+    module's weight shape; None when the branch adds only a shift). The terms of a region sum to its
+    fused weight and bias."""
+
+    label: str  # the branch's module path in the original model, e.g. "stage1.0.rbr_identity"
+    ops: list[str]
+    weight: Tensor | None
+    bias: Tensor | None
 
 
 @dataclass
@@ -24,6 +37,8 @@ class Region:
     ops: list[str] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    module_path: str = ""  # where the fused module lives in the returned model
+    terms: list[BranchTerm] = field(default_factory=list)
 
     @property
     def branches(self) -> int:
@@ -50,8 +65,9 @@ class FuseReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "regions": [{"block": r.block, "kind": region_kind(r), "branches": r.branches, "ops": r.ops,
-                         "result": region_result(r), "params_before": r.params_before,
-                         "params_after": r.params_after} for r in self.regions],
+                         "result": region_result(r), "module": r.module_path, "params_before": r.params_before,
+                         "params_after": r.params_after, "branch_labels": [t.label for t in r.terms]}
+                        for r in self.regions],
             "left": [{"where": x.where, "reason": x.reason} for x in self.left],
             "untraced": self.untraced, "notes": self.notes,
             "params_before": self.params_before, "params_after": self.params_after,
