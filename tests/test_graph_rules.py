@@ -6,11 +6,14 @@ Reference: the unfused model in eval mode; fp32 tolerance 1e-5 * max|ref| (repco
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import repconv
 from repconv import fuse_with_report
 from repconv.blocks.common import randomize_bn_
 
@@ -241,3 +244,34 @@ def test_terms_after_a_shared_bn_split_the_shift() -> None:
     assert torch.allclose(sum(t.weight for t in region.terms if t.weight is not None), conv.weight.double(),
                           atol=1e-6)
     assert region.terms[-1].weight is None
+
+
+def test_verification_measures_from_float64_and_allows_the_originals_own_error() -> None:
+    """An exact Linear+BN1d fold before a LayerNorm over near-constant tokens: any fp32 evaluation
+    is off by ~1e-4 there (the LayerNorm divides by a std of 1e-3), the original's included. Compared
+    fp32 with fp32 the fold would look wrong; against float64 it is as good as the original."""
+
+    class FoldThenLayerNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.bn, self.ln = nn.Linear(64, 64), nn.BatchNorm1d(64), nn.LayerNorm(64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.l(x).flatten(0, 1)).reshape(x.shape[0], x.shape[1], 64)
+            return self.ln(y)
+
+    model = randomize_bn_(FoldThenLayerNorm(), 0).eval()
+    with torch.no_grad():
+        model.bn.weight.fill_(1e-3)
+        model.bn.bias.fill_(2.0)
+    x = torch.randn(2, 16, 64)
+    fused, report = fuse_with_report(model, x)
+    assert count(fused, nn.BatchNorm1d) == 0
+    fp32_pair = repconv.verify(model, fused, x)
+    assert not fp32_pair.ok  # the old comparison cries wolf ...
+    v = report.verification
+    assert v.ok and v.outputs[0].baseline_err > 1e-5  # ... the float64 one sees the original err as much
+    # and a real mistake is still caught: one feature's shift off by 1e-3 (that is the tokens' spread)
+    with torch.no_grad():
+        fused.get_submodule(report.regions[0].module_path).bias[0] += 1e-3
+    assert not repconv.verify(model, fused, x, float64_reference=copy.deepcopy(model).double()).ok

@@ -90,9 +90,14 @@ class Op:
 
     def __init__(self, an: Analysis, node: fx.Node, get: Callable[[fx.Node], Affine], params: tuple[str, ...]):
         self.an, self.node, self.get, self.params = an, node, get, params
-        if len(node.args) > len(params):
+        args = node.args
+        if params and params[-1].startswith("*"):  # x.view(b, c, -1): the rest is one tuple
+            n = len(params) - 1
+            args = (*args[:n], tuple(args[n:])) if len(args) > n else args
+            params = (*params[:n], params[-1][1:])
+        if len(args) > len(params):
             raise NotAffine
-        self.args: dict[str, Any] = {_SELF.get(p, p): a for p, a in zip(params, node.args, strict=False)}
+        self.args: dict[str, Any] = {_SELF.get(p, p): a for p, a in zip(params, args, strict=False)}
         for k, a in node.kwargs.items():
             self.args[_SELF.get(k, k)] = a
 

@@ -60,7 +60,7 @@ _VIEW = ("input", "shape")
 
 @transfer(functions=[(torch.flatten, ("input", "start_dim", "end_dim")), (torch.reshape, _VIEW),
                      aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints],
-          methods=[("view", ("shape",)), ("reshape", ("shape",)), ("flatten", ("start_dim", "end_dim")),
+          methods=[("view", ("*shape",)), ("reshape", ("*shape",)), ("flatten", ("start_dim", "end_dim")),
                    ("reshape_as", ("other",)), ("view_as", ("other",)), ("unflatten", ("dim", "sizes"))])
 def leading_view(op: Op) -> Affine:
     """Reshapes that keep the last dim: LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``."""
