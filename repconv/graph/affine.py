@@ -38,6 +38,7 @@ class Term:
 
     nodes: frozenset[fx.Node]
     kernel: Kernel
+    shift_only: bool = False  # the weight is zero: a shift applied after the branches met
 
 
 def _without_bias(k: Kernel) -> Kernel:
@@ -143,11 +144,11 @@ class Affine:
         if op is None or compose is None:
             return None
         try:  # each branch through the op's linear part; its bias is a term of its own
-            out = tuple(Term(t.nodes, compose(t.kernel, _without_bias(op))) for t in self.terms)
+            out = tuple(Term(t.nodes, compose(t.kernel, _without_bias(op)), t.shift_only) for t in self.terms)
         except FusionRefused:
             return None
         if bool((op.bias != 0).any()):
-            out += (Term(frozenset({node}), _zero_weight(out[0].kernel, op.bias)),)
+            out += (Term(frozenset({node}), _zero_weight(out[0].kernel, op.bias), shift_only=True),)
         return out
 
     def own_terms(self) -> tuple[Term, ...] | None:
@@ -294,7 +295,7 @@ def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affi
                               sum(s * k.bias for k, s in zip(ls, signs, strict=True)))
     parts = [v.own_terms() for v in values]
     terms = None if any(p is None for p in parts) else tuple(
-        Term(t.nodes, _scaled(t.kernel, s)) for p, s in zip(parts, signs, strict=True) for t in p)
+        Term(t.nodes, _scaled(t.kernel, s), t.shift_only) for p, s in zip(parts, signs, strict=True) for t in p)
     return _merged(node, values, kernel, _grows(kernel, values), terms)
 
 
@@ -356,7 +357,7 @@ def through_pad(node: fx.Node, v: Affine, pads: tuple[int, int], mode: str = "ze
         return ConvKernel(t.weight, t.bias, replace(t.geom, padding=(t.geom.padding[0] + ph, t.geom.padding[1] + pw),
                                                        padding_mode=mode))
 
-    terms = None if v.terms is None else tuple(Term(t.nodes, padded(t.kernel)) for t in v.own_terms())
+    terms = None if v.terms is None else tuple(Term(t.nodes, padded(t.kernel), t.shift_only) for t in v.own_terms())
     debt: frozenset[str] = frozenset()
     if mode == "zeros" and bool((k.bias != 0).any()):
         debt = frozenset(s for s, p in (("top", ph), ("bottom", ph), ("left", pw), ("right", pw)) if p)

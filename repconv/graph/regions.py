@@ -41,6 +41,7 @@ class Analysis:
         self.refusals: dict[fx.Node, str] = {}  # the node itself could not be expressed
         self.blocked: dict[fx.Node, str] = {}  # a consumer could not absorb this node's value
         self.stacks: dict[fx.Node, tuple[list[Affine], int]] = {}  # torch.stack nodes: (members, dim)
+        self.cost_cuts: dict[fx.Node, str] = {}  # merges / compositions cut because they cost more
 
     # -- value access ------------------------------------------------------------------------
     def _consumable(self, node: fx.Node) -> Affine | None:
@@ -142,8 +143,10 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
     # through a root that is forced in the same round). Refused twice, the forcing is permanent.
     last_invalid: set[fx.Node] = set()
     seen_invalid: set[fx.Node] = set()
+    cuts: dict[fx.Node, str] = {}
     for _ in range(max_rounds):
         an = Analysis(gm, consts, forced | last_invalid).run()
+        an.cost_cuts = cuts
         new = set(forced) | (an.invalidated & seen_invalid)
         seen_invalid |= an.invalidated
         for node, v in an.values.items():
@@ -157,9 +160,13 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
             v = an.values[node]
             if v.view_start is not None:  # leading dims not back to the root's: end before the reshapes
                 new.add(v.view_start)
-            if v.expensive and region_macs(an, node) > original_macs(an, v.sources):
+            fused_macs, parts = region_macs(an, node), original_macs(an, v.sources)
+            if v.expensive and fused_macs > parts:
                 # cut before each composition / merge that grew the kernel: its inputs become roots
                 new |= {a for c in v.expensive for a in _tensor_inputs(c) if a not in an.consts}
+                for c in v.expensive:
+                    cuts.setdefault(c, f"exact merge cut for cost: one fused kernel would cost "
+                                       f"{fused_macs / max(parts, 1):.1f}x the multiply-adds of its parts")
             new |= _unanswerable_metadata(node, v)
         if new == forced and an.invalidated == last_invalid:
             return an

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,17 @@ class Region:
     params_before: int = 0
     params_after: int = 0
     module_path: str = ""  # where the fused module lives in the returned model
-    terms: list[BranchTerm] = field(default_factory=list)
+    # computes :attr:`terms` on first use: aligning every branch to the fused geometry costs as
+    # much as the fusion itself, and only quantization analysis asks for it
+    term_source: Callable[[], list[BranchTerm]] | None = field(default=None, repr=False, compare=False)
+    _terms: list[BranchTerm] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def terms(self) -> list[BranchTerm]:
+        """The fused kernel split exactly by original branch (empty when it was not tracked)."""
+        if self._terms is None:
+            self._terms = self.term_source() if self.term_source is not None else []
+        return self._terms
 
     @property
     def branches(self) -> int:
@@ -66,8 +77,7 @@ class FuseReport:
         return {
             "regions": [{"block": r.block, "kind": region_kind(r), "branches": r.branches, "ops": r.ops,
                          "result": region_result(r), "module": r.module_path, "params_before": r.params_before,
-                         "params_after": r.params_after, "branch_labels": [t.label for t in r.terms]}
-                        for r in self.regions],
+                         "params_after": r.params_after} for r in self.regions],
             "left": [{"where": x.where, "reason": x.reason} for x in self.left],
             "untraced": self.untraced, "notes": self.notes,
             "params_before": self.params_before, "params_after": self.params_after,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -55,7 +56,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         region.params_after = sum(p.numel() for p in new_mod.parameters())
         region.target = _unique(_block_of(v.sources, modules), taken)
         region.module_path = _join(prefix, region.target)
-        region.terms = _branch_terms(v, prefix, modules, nodes_in_order)
+        region.term_source = functools.partial(_branch_terms, v, prefix, modules, nodes_in_order)
         gm.add_submodule(region.target, new_mod)
         for fix in v.root_fixes:
             fix(gm)
@@ -74,7 +75,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         replaced[node] = new
         removable_setitems |= {n for n in v.extra if n.op == "call_function" and n.target is operator.setitem}
         report.regions.append(region)
-    for node, reason in an.refusals.items():
+    for node, reason in (an.refusals | an.cost_cuts).items():
         report.left.append(Refusal(_join(prefix, module_path(node)), reason))
     _dce(gm, removable_setitems)
     # remember which original node each new one replaces, so divergence reports line up
@@ -119,9 +120,8 @@ def _branch_terms(v: Affine, prefix: str, modules: dict[str, nn.Module], order: 
         paths = list(dict.fromkeys(p for p in (module_path(n) for n in nodes) if p not in {n.name for n in nodes}))
         paths = paths or [n.name for n in nodes]
         label = (_common_path(paths) or "+".join(paths)) if nodes else "identity"
-        zero_weight = not bool((k.weight != 0).any())
         out.append(BranchTerm(_join(prefix, label), [_op_name(n, modules) for n in nodes],
-                              None if zero_weight else k.weight, k.bias))
+                              None if t.shift_only else k.weight, k.bias))
     return out
 
 

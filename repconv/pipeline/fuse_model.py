@@ -72,7 +72,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         checks += [as_tuple(s) for s in samples]
         with eval_mode(model):
             result = verification.verify(model, fused, checks, rtol=rtol, atol=atol,
-                                         float64_reference=_float64_copy(model, inputs, report))
+                                         float64_reference=lambda: _float64_copy(model, inputs, report))
             if not result.ok:
                 result.first_divergence = first_divergence(model, fused, inputs, rtol, atol)
         report.verification = result
