@@ -29,16 +29,31 @@ class DifferentRoots(FusionRefused):
 Kernel = ConvKernel | LinearKernel
 
 
-@dataclass(frozen=True)
 class Term:
     """One original branch's share of a value: the value's kernel is the sum of its terms' kernels
     (each in the geometry its branch had; aligned to the result when a region is built). ``nodes``
     are the branch's ops, for naming it; a shift applied after branches met is a term of its own
-    with a zero weight."""
+    with a zero weight (``shift_only``).
 
-    nodes: frozenset[fx.Node]
-    kernel: Kernel
-    shift_only: bool = False  # the weight is zero: a shift applied after the branches met
+    A term's kernel is computed on first use (``make``): most values never become a region, and the
+    branches of those that do are only asked for by quantization analysis."""
+
+    __slots__ = ("nodes", "shift_only", "_kernel", "_make")
+
+    def __init__(self, nodes: frozenset[fx.Node], kernel: Kernel | None = None,
+                 make: Callable[[], Kernel] | None = None, shift_only: bool = False):
+        self.nodes, self.shift_only, self._kernel, self._make = nodes, shift_only, kernel, make
+
+    @property
+    def kernel(self) -> Kernel:
+        """Raises FusionRefused when this branch alone cannot be expressed (the sum could)."""
+        if self._kernel is None:
+            self._kernel, self._make = self._make(), None
+        return self._kernel
+
+    def then(self, f: Callable[[Kernel], Kernel], nodes: frozenset[fx.Node] | None = None) -> Term:
+        """This term with ``f`` applied to its kernel, lazily."""
+        return Term(self.nodes if nodes is None else nodes, make=lambda: f(self.kernel), shift_only=self.shift_only)
 
 
 def _without_bias(k: Kernel) -> Kernel:
@@ -143,12 +158,12 @@ class Affine:
             return (Term(self.terms[0].nodes | {node}, kernel),)
         if op is None or compose is None:
             return None
-        try:  # each branch through the op's linear part; its bias is a term of its own
-            out = tuple(Term(t.nodes, compose(t.kernel, _without_bias(op)), t.shift_only) for t in self.terms)
-        except FusionRefused:
-            return None
+        # each branch through the op's linear part; its bias is a term of its own
+        linear = _without_bias(op)
+        out = tuple(t.then(lambda k: compose(k, linear)) for t in self.terms)
         if bool((op.bias != 0).any()):
-            out += (Term(frozenset({node}), _zero_weight(out[0].kernel, op.bias), shift_only=True),)
+            first = out[0]
+            out += (Term(frozenset({node}), make=lambda: _zero_weight(first.kernel, op.bias), shift_only=True),)
         return out
 
     def own_terms(self) -> tuple[Term, ...] | None:
@@ -295,7 +310,7 @@ def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affi
                               sum(s * k.bias for k, s in zip(ls, signs, strict=True)))
     parts = [v.own_terms() for v in values]
     terms = None if any(p is None for p in parts) else tuple(
-        Term(t.nodes, _scaled(t.kernel, s), t.shift_only) for p, s in zip(parts, signs, strict=True) for t in p)
+        t if s == 1 else t.then(lambda k, s=s: _scaled(k, s)) for p, s in zip(parts, signs, strict=True) for t in p)
     return _merged(node, values, kernel, _grows(kernel, values), terms)
 
 
@@ -357,7 +372,7 @@ def through_pad(node: fx.Node, v: Affine, pads: tuple[int, int], mode: str = "ze
         return ConvKernel(t.weight, t.bias, replace(t.geom, padding=(t.geom.padding[0] + ph, t.geom.padding[1] + pw),
                                                        padding_mode=mode))
 
-    terms = None if v.terms is None else tuple(Term(t.nodes, padded(t.kernel), t.shift_only) for t in v.own_terms())
+    terms = None if v.terms is None else tuple(t.then(padded) for t in v.own_terms())
     debt: frozenset[str] = frozenset()
     if mode == "zeros" and bool((k.bias != 0).any()):
         debt = frozenset(s for s, p in (("top", ph), ("bottom", ph), ("left", pw), ("right", pw)) if p)

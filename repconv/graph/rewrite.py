@@ -105,14 +105,14 @@ def _branch_terms(v: Affine, prefix: str, modules: dict[str, nn.Module], order: 
     final = v.kernel
     out = []
     for t in v.terms:
-        k = t.kernel
-        if isinstance(final, ConvKernel):
-            if not isinstance(k, ConvKernel):
-                return []
-            try:
+        try:
+            k = t.kernel
+            if isinstance(final, ConvKernel):
+                if not isinstance(k, ConvKernel):
+                    return []
                 k = A.align([k, final])[0]
-            except FusionRefused:
-                return []
+        except FusionRefused:  # this branch alone has no exact form (the sum has)
+            return []
         if k.weight.shape != final.weight.shape:
             return []
         nodes = [n for n in order if n in t.nodes and n is not v.root]
