@@ -71,6 +71,7 @@ class Outlier:
     ratio: float  # channel abs-max / median channel abs-max of the layer
     value: float  # the extreme weight or activation (signed)
     where: str  # weight: "in 3, tap (1, 1)"; activation: "sample 0, at (4, 7)"
+    index: list[int] = field(default_factory=list)  # weight: (in, ky, kx); activation: (sample, y, x)
     branches: list[Contribution] = field(default_factory=list)  # largest |value| first; [] when unknown
 
     @property
@@ -79,7 +80,7 @@ class Outlier:
 
     def to_dict(self) -> dict[str, Any]:
         return {"channel": self.channel, "ratio": finite_or_none(self.ratio), "value": self.value,
-                "where": self.where, "branches": [b.to_dict() for b in self.branches]}
+                "where": self.where, "index": self.index, "branches": [b.to_dict() for b in self.branches]}
 
 
 @dataclass
@@ -168,7 +169,7 @@ class _LayerStats:
         self.in_sq = self.out_sq = 0.0
         self.in_n = self.out_n = 0
         self.ch_absmax: Tensor | None = None  # (C,)
-        self.ch_where: list[str] = []
+        self.ch_where: list[tuple[str, list[int]]] = []
         self.ch_value: Tensor | None = None  # signed value at the abs-max
         self.ch_parts: Tensor | None = None  # (terms, C): decomposition of ch_value
         self.batch_index = 0
@@ -190,7 +191,7 @@ class _LayerStats:
         if self.ch_absmax is None:
             self.ch_absmax = torch.full_like(absmax, -1.0)
             self.ch_value = torch.zeros_like(absmax)
-            self.ch_where = [""] * absmax.numel()
+            self.ch_where = [("", [])] * absmax.numel()
             if self.terms:
                 self.ch_parts = torch.zeros(len(self.terms), absmax.numel(), dtype=torch.float64)
         better = absmax > self.ch_absmax
@@ -232,15 +233,17 @@ def _channels_first(t: Tensor, module: nn.Module) -> Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _where_in(y: Tensor, module: nn.Module, flat_index: int, first_sample: int) -> str:
+def _where_in(y: Tensor, module: nn.Module, flat_index: int, first_sample: int) -> tuple[str, list[int]]:
+    """Where a channel's flat position (in :func:`_channels_first` order) lies: text and (sample, *spatial)."""
     if isinstance(module, nn.Linear):
         rows_per_sample = max(1, y.numel() // y.shape[-1] // max(1, y.shape[0]))
-        return f"sample {first_sample + flat_index // rows_per_sample}"
+        n = first_sample + flat_index // rows_per_sample
+        return f"sample {n}", [n]
     spatial = list(y.shape[2:])
     per_sample = int(np.prod(spatial)) if spatial else 1
     n, rest = divmod(flat_index, per_sample)
-    coords = np.unravel_index(rest, spatial) if spatial else ()
-    return f"sample {first_sample + n}, at ({', '.join(str(int(c)) for c in coords)})"
+    coords = [int(c) for c in np.unravel_index(rest, spatial)] if spatial else []
+    return f"sample {first_sample + n}, at ({', '.join(map(str, coords))})", [first_sample + n, *coords]
 
 
 def _relu_followed(fused: nn.Module) -> set[str]:
@@ -309,7 +312,7 @@ def _weight_outliers(w: Tensor, ratio: Tensor, threshold: float, terms: list[_Te
         where = f"in {int(idx[0])}" + (f", tap ({', '.join(str(int(i)) for i in idx[1:])})" if len(idx) > 1 else "")
         parts = [Contribution(term.label, term.ops, float(term.weight.reshape(w.shape[0], -1)[c, t]), 0.0)
                  for term in terms if term.weight is not None]
-        out.append(Outlier(c, float(ratio[c]), value, where, _ranked(parts, value)))
+        out.append(Outlier(c, float(ratio[c]), value, where, [int(i) for i in idx], _ranked(parts, value)))
     return sorted(out, key=lambda o: -o.ratio)
 
 
@@ -378,7 +381,8 @@ def _layer_risk(name: str, m: nn.Module, s: _LayerStats, region: Any, terms: lis
         value = float(s.ch_value[c])
         parts = ([Contribution(t.label, t.ops, float(s.ch_parts[i, c]), 0.0) for i, t in enumerate(terms)]
                  if s.ch_parts is not None else [])
-        act_outliers.append(Outlier(c, float(a_ratio[c]), value, s.ch_where[c], _ranked(parts, value)))
+        where, index = s.ch_where[c]
+        act_outliers.append(Outlier(c, float(a_ratio[c]), value, where, index, _ranked(parts, value)))
     act_outliers.sort(key=lambda o: -o.ratio)
     kind = region_kind(region) if region is not None else type(m).__name__.lower()
     result = region_result(region) if region is not None else _shape_label(m)

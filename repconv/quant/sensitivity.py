@@ -3,8 +3,11 @@
 Each weight layer (Conv / Gemm / MatMul) is quantized alone with ONNX Runtime's own
 ``nodes_to_quantize`` (its input, weights and output get QDQ; everything else stays fp32), on one
 shared calibration (ORT's calibration cache), and the output is compared with the fp32 model on the
-evaluation batches. The layer whose lone quantization costs the most SQNR is the one INT8 hurts most:
-an answer from calibration data in one pass per layer, not a validation run per configuration.
+evaluation batches. A Relu / Clip that alone reads the layer's output is quantized with it: in the
+full INT8 model ORT folds it into the output's QuantizeLinear, so the layer's output is rounded on
+its post-activation range, and without it ORT would round the wider pre-activation range instead.
+The layer whose lone quantization costs the most SQNR is the one INT8 hurts most: an answer from
+calibration data in one pass per layer, not a validation run per configuration.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def sensitivity(fp32: onnx.ModelProto, calib: Sequence[np.ndarray], evaluate: Se
         cache = Path(tmp) / "calibration.json"
         for node in targets:
             quantized = quantize_onnx(fp32, calib, method=method, reduce_range=reduce_range,
-                                      nodes_to_quantize=[node.name], cache=cache, notes=notes)
+                                      nodes_to_quantize=[node.name, *_activation_after(layers, node)], cache=cache,
+                                      notes=notes)
             if custom_nodes(quantized):
                 check_loads(quantized)
             got = run_batches(session(quantized, native=True), name, evaluate)
@@ -74,3 +78,10 @@ def sensitivity(fp32: onnx.ModelProto, calib: Sequence[np.ndarray], evaluate: Se
     n_cal = sum(int(b.shape[0]) for b in calib)
     n_eval = sum(int(b.shape[0]) for b in evaluate)
     return SensitivityReport(results, method, n_cal, n_eval, sorted(set(notes)))
+
+
+def _activation_after(layers: OnnxLayers, node: onnx.NodeProto) -> list[str]:
+    readers = layers.consumers.get(node.output[0], [])
+    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and node.output[0] not in layers.outputs:
+        return [readers[0].name]
+    return []
