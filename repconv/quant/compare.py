@@ -185,9 +185,7 @@ class _TorchSide:
     def __init__(self, layers: TorchLayers, probe: np.ndarray, outputs_of: nn.Module | None = None) -> None:
         self.layers = layers
         self.outputs_of = outputs_of
-        _, named, order = layers(probe)
-        self.seen = {k: v.shape for k, v in named.items()}
-        self.order = order
+        self.seen, self.order = layers.shapes(probe)
 
     def runner(self, keep: set[str]) -> Runner:
         def run(batch: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:

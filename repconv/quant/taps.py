@@ -205,7 +205,10 @@ class TorchLayers:
         self.kinds = {name: type(m).__name__ for name, m in model.named_modules() if name}
 
     @contextlib.contextmanager
-    def _recording(self, keep: set[str] | None) -> Iterator[tuple[dict[str, Tensor], list[str]]]:
+    def _recording(self, keep: set[str] | None, values: bool = True
+                   ) -> Iterator[tuple[dict[str, Tensor], list[str]]]:
+        """Record module outputs (or, with ``values=False``, empty tensors of their shapes: a probe of a
+        large model must not hold every activation at once)."""
         sink: dict[str, Tensor] = {}
         order: list[str] = []
         hooks = []
@@ -216,7 +219,8 @@ class TorchLayers:
             def hook(_m: nn.Module, _args: Any, out: Any, name: str = name) -> None:
                 leaves = tensor_leaves(out)
                 if name not in sink and leaves:
-                    sink[name] = leaves[0].detach().clone()
+                    t = leaves[0].detach()
+                    sink[name] = t.clone() if values else torch.empty(t.shape, device="meta")
                     order.append(name)
             hooks.append(m.register_forward_hook(hook))
         record_custom = keep is None or any("#" in k for k in keep)
@@ -234,6 +238,12 @@ class TorchLayers:
             out = self.model(torch.from_numpy(np.ascontiguousarray(batch)))
         outs = [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in tensor_leaves(out)]
         return outs, {k: v.float().numpy() for k, v in sink.items()}, order
+
+    def shapes(self, batch: np.ndarray) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+        """Output shape of every module (and custom op) that runs, in execution order."""
+        with self._recording(None, values=False) as (sink, order), torch.no_grad():
+            self.model(torch.from_numpy(np.ascontiguousarray(batch)))
+        return {k: tuple(v.shape) for k, v in sink.items()}, order
 
     def label(self, key: str) -> str:
         kind = self.kinds.get(key)
