@@ -86,7 +86,7 @@ def test_pytorch_vs_onnx_names_the_corrupted_layer(exported: tuple) -> None:
     assert clean.ok and clean.first_divergence is None
     assert [d.key for d in clean.layers] == ["0.reparam", "1.reparam", "2.reparam", "3.reparam"]
     assert all(d.stats.max_rel < 1e-5 for d in clean.layers)
-    assert any("fused by repconv" in n for n in clean.notes)  # the names the export carries are the fused ones
+    assert any("repconv-fused form" in n for n in clean.notes)  # the names the export carries are the fused ones
     report = compare_models(model, corrupt(fp32, "1.reparam.weight"), data)
     assert report.first_divergence.startswith("1.reparam (")
     assert [d.diverged for d in report.layers] == [False, True, True, True]

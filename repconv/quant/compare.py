@@ -213,7 +213,7 @@ def _pick_torch(model: nn.Module, wanted: set[str], probe: np.ndarray, notes: li
     if len(wanted & set(fused_side.seen)) > hits:
         v = rep.verification
         how = f" (verified: max rel {v.max_rel:.2g})" if v is not None else ""
-        notes.append(f"per-layer reference: the PyTorch model fused by repconv{how}, whose module names the "
-                     "candidate carries")
+        notes.append(f"the PyTorch model's layers are read from its repconv-fused form{how}, whose module names "
+                     "the other model carries")
         return fused_side
     return side
