@@ -206,17 +206,17 @@ class _LayerStats:
         self.batch_index += x.shape[0]
 
     def _branch_values(self, x: Tensor, pos: Tensor) -> Tensor:
-        """Each term's output at each channel's abs-max position: (terms, C), float64."""
+        """Each term's output at each channel's abs-max position: (terms, C), float64. The convs run in
+        the model's dtype: a share needs no more, and float64 convs are slow on CPUs."""
         m = self.module
         rows = []
         for term in self.terms:
             if term.weight is None:
                 part = torch.zeros(pos.numel(), dtype=torch.float64)
             else:
-                w = term.weight.to(device=x.device, dtype=torch.float64)
-                x64 = x.double()
-                part_out = m._conv_forward(x64, w, None) if isinstance(m, nn.Conv1d | nn.Conv2d) else F.linear(x64, w)
-                part = _channels_first(part_out, m).gather(1, pos[:, None].to(part_out.device))[:, 0].cpu()
+                w = term.weight.to(device=x.device, dtype=x.dtype)
+                part_out = m._conv_forward(x, w, None) if isinstance(m, nn.Conv1d | nn.Conv2d) else F.linear(x, w)
+                part = _channels_first(part_out, m).gather(1, pos[:, None].to(part_out.device))[:, 0].double().cpu()
             if term.bias is not None:
                 part = part + term.bias.detach().double().cpu().reshape(-1)
             rows.append(part)
