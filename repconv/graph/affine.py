@@ -26,6 +26,7 @@ class DifferentRoots(FusionRefused):
     """A merge of tensors that come from different inputs (a residual add): not a linear region."""
 
 
+
 Kernel = ConvKernel | LinearKernel
 
 
