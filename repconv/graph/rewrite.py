@@ -30,6 +30,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     consts = fold_constants(gm)
     an = analyze(gm, consts)
     modules = dict(gm.named_modules())
+    named_params = dict(gm.named_parameters())
     removable_setitems: set[fx.Node] = set()
     taken: set[str] = set(modules)
     renames: list[tuple[fx.Node, str]] = []
@@ -50,7 +51,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         region = Region(node, v)
         region.ops = [_op_name(n, modules) for n in _ordered(gm, v.sources)]
         region.block = _join(prefix, _block_of(v.sources, modules))
-        region.params_before = _params_of(v.sources, modules, consts)
+        region.params_before = _params_of(v.sources, modules, consts, named_params)
         dtype, device = _dtype_device(node, v.sources, modules, consts)
         new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
         region.params_after = sum(p.numel() for p in new_mod.parameters())
@@ -222,10 +223,10 @@ def _join(prefix: str, path: str) -> str:
     return ".".join(p for p in (prefix, path) if p)
 
 
-def _params_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module], consts: dict[fx.Node, Any]) -> int:
+def _params_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module], consts: dict[fx.Node, Any],
+               named: dict[str, nn.Parameter]) -> int:
     """Parameters the region's ops read: their modules' and those reached through constant folding."""
     params: dict[int, int] = {}
-    named = {name: p for name, p in next(iter(modules.values())).named_parameters()} if modules else {}
     for n in sources:
         if n.op == "call_module":
             params.update({id(p): p.numel() for p in modules[n.target].parameters()})
