@@ -275,3 +275,20 @@ def test_verification_measures_from_float64_and_allows_the_originals_own_error()
     with torch.no_grad():
         fused.get_submodule(report.regions[0].module_path).bias[0] += 1e-3
     assert not repconv.verify(model, fused, x, float64_reference=copy.deepcopy(model).double()).ok
+
+
+def test_scales_and_shifts_alone_never_become_a_conv() -> None:
+    """LeViT with one token per head: ``q @ k * scale + bias`` is a per-channel affine of an opaque
+    matmul; with nothing to fold into it stays as written (no new depthwise conv)."""
+
+    class ScaledScores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(8, 1, 1))
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return (q @ k * 0.25 + self.bias).softmax(-1)
+
+    model = ScaledScores().eval()
+    fused, report = fuse_with_report(model, (torch.randn(2, 8, 1, 16), torch.randn(2, 8, 16, 1)))
+    assert not report.regions and count(fused, (nn.Conv2d, nn.Linear)) == 0

@@ -45,7 +45,10 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         # F.conv2d(x, f(params)): bake it (a lone crop / pool / pad stays what it is)
         computed_weight = (node.op == "call_function" and node in v.sources
                            and node.target in CONV_FUNCTIONS + LINEAR_FUNCTIONS)
-        if v.root is node or (len(v.sources) < 2 and not v.root_fixes and not computed_weight):
+        if v.root is node or (len(v.sources) < 2 and not v.root_fixes and not computed_weight) \
+                or not any(_weighted(n, modules) for n in v.sources):
+            # one op, or only per-channel scales and shifts (a BN, ``x * s + b``): already as cheap
+            # as one conv would be, and a dense one where they act on features
             _report_left(an, node, v, report, prefix)
             continue
         region = Region(node, v)
@@ -150,6 +153,17 @@ def _report_left(an: Analysis, node: fx.Node, v: Affine, report: FuseReport, pre
     elif reason is None:
         reason = "the normalization's affine has no conv / linear after it to fold into"
     report.left.append(Refusal(_join(prefix, module_path(node)), reason))
+
+
+_WEIGHTED_MODULES = (nn.Conv2d, nn.Linear, nn.AvgPool2d)
+
+
+def _weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A conv / linear / pooling: an op that costs multiply-adds, which a region replaces."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _WEIGHTED_MODULES)
+    name = getattr(node.target, "__name__", str(node.target))
+    return node.target in CONV_FUNCTIONS + LINEAR_FUNCTIONS or any(k in name for k in ("avg_pool", "matmul", "mm"))
 
 
 def _is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
