@@ -69,7 +69,8 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         first = min(v.sources, key=order.__getitem__)
         root = replaced.get(v.root, v.root)
         with gm.graph.inserting_before(first):
-            new = gm.graph.call_module(region.target, (root,))
+            read = gm.graph.call_method("permute", (root, *v.root_perm)) if v.root_perm else root
+            new = gm.graph.call_module(region.target, (read,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
         for fill in [u for u in node.users if u in v.extra and u.target is operator.setitem]:
