@@ -146,6 +146,7 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
     cuts: dict[fx.Node, str] = {}
     for _ in range(max_rounds):
         an = Analysis(gm, consts, forced | last_invalid).run()
+        cuts.update(an.cost_cuts)
         an.cost_cuts = cuts
         new = set(forced) | (an.invalidated & seen_invalid)
         seen_invalid |= an.invalidated
