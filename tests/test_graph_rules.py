@@ -323,3 +323,25 @@ def test_layernorm2d_affine_folds_into_the_following_1x1_conv() -> None:
     with torch.no_grad():
         x2 = torch.randn(2, 8, 5, 5)
         assert rel_err(fused(x2), model(x2)) < 1e-5
+
+
+def test_asymmetric_zero_padding_stays_an_explicit_pad_before_one_conv() -> None:
+    """TF-style 'same' padding of a stride-2 conv: pad (0, 1, 0, 1), conv, BN -> pad + one conv."""
+
+    class TFSame(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 8, 3, 2, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(F.pad(x, (0, 1, 0, 1))))
+
+    model = randomize_bn_(TFSame(), 0).eval()
+    x = torch.randn(2, 4, 10, 10)
+    fused, report = fuse_with_report(model, x)
+    assert count(fused, nn.Conv2d) == 1 and count(fused, nn.BatchNorm2d) == 0 and not report.left
+    pads = [n.args[1] for n in fused.graph.nodes if n.target is F.pad]
+    assert pads == [[0, 1, 0, 1]]
+    with torch.no_grad():
+        x2 = torch.randn(2, 4, 11, 9)  # other sizes too: the pad is explicit, not baked into a kernel
+        assert rel_err(fused(x2), model(x2)) < 1e-5

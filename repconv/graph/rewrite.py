@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from repconv import algebra as A
@@ -70,6 +71,8 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         root = replaced.get(v.root, v.root)
         with gm.graph.inserting_before(first):
             read = gm.graph.call_method("permute", (root, *v.root_perm)) if v.root_perm else root
+            if v.pre_pad:  # an asymmetric zero padding stays an explicit pad before the one conv
+                read = gm.graph.call_function(F.pad, (read, list(v.pre_pad)))
             new = gm.graph.call_module(region.target, (read,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
