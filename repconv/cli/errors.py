@@ -24,14 +24,16 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
+from repconv.cli.entry import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_seen, signal_handlers
+
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "interrupt_seen"]  # re-exported
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -78,10 +80,6 @@ class InternalFailure(click.ClickException):
                                       "REPCONV_DEBUG=1 shows the traceback)")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every ``finally`` (temp-file clean-up) runs."""
-
-
 # Set by repconv.cli.outputs once a command's outputs are in place: an interrupt after that point
 # must not claim that nothing was written.
 _outputs_committed = threading.Event()
@@ -119,23 +117,6 @@ def as_failure(e: Exception, ctx: click.Context | None = None) -> click.ClickExc
             given = ctx.meta.get("repconv.input") if ctx is not None else None
             return UsageFailure(out_of_memory_message(given or "given"))
     return InternalFailure(e)
-
-
-def _raise_terminated(signum: int, frame: Any) -> NoReturn:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` (SIGINT already raises KeyboardInterrupt) while inside."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -223,28 +204,41 @@ class RepconvGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         _outputs_committed.clear()
         try:
-            with signals_as_interrupts(), cwd_importable():
+            with signal_handlers(), cwd_importable():
                 self._load()  # imports torch: under the handlers, so Ctrl-C here is a clean exit 130
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:
-            e.show()
-            sys.exit(e.exit_code)
-        except click.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            print_error("error", f"{e.format_message()}{hint}")
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            e.show()
-            sys.exit(e.exit_code)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except (click.Abort, KeyboardInterrupt) as e:
-            cause = e if isinstance(e, KeyboardInterrupt) else e.__cause__
-            failure = Interrupted(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
-            failure.show()
-            sys.exit(failure.exit_code)
-        except Exception as e:  # outside a command (importing the commands): a bug, still one line
-            internal = as_failure(e)
-            internal.show()
-            sys.exit(internal.exit_code)
+        except SystemExit:
+            raise
+        except BaseException as e:  # every other way out: one line and its exit code
+            sys.exit(_report(e))
+        late = interrupt_seen()
+        if late is not None:  # an interrupt that something swallowed: still an interrupted command
+            sys.exit(_report(late))
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+def _report(e: BaseException) -> int:
+    """Print ``e`` as one line; its exit code. An interrupt seen at any point wins over what followed
+    it (an import it broke, say)."""
+    late = interrupt_seen()
+    if late is not None or isinstance(e, KeyboardInterrupt | click.Abort):
+        cause = late if late is not None else e if isinstance(e, KeyboardInterrupt) else e.__cause__
+        failure: click.ClickException = Interrupted(cause if isinstance(cause, KeyboardInterrupt)
+                                                    else KeyboardInterrupt())
+    elif isinstance(e, click.exceptions.NoArgsIsHelpError):
+        e.show()
+        return e.exit_code
+    elif isinstance(e, click.UsageError):
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        print_error("error", f"{e.format_message()}{hint}")
+        return e.exit_code
+    elif isinstance(e, click.exceptions.Exit):
+        return e.exit_code
+    elif isinstance(e, click.ClickException):
+        failure = e
+    elif isinstance(e, Exception):  # outside a command (importing the commands): still one line
+        failure = as_failure(e)
+    else:
+        raise e
+    failure.show()
+    return failure.exit_code

@@ -48,13 +48,15 @@ def _fmt_params(n: int) -> str:
 
 
 def _source_modules(r: Region) -> list[str]:
-    """The module paths a region's ops come from (relative to its block), sorted."""
+    """The module paths a region's ops come from (relative to its block), in graph order."""
     try:
         from repconv.graph.tracing import module_path
     except ImportError:  # pragma: no cover - the graph package reorganised
         return []
-    paths = set()
-    for n in getattr(getattr(r, "value", None), "sources", ()):
+    paths: dict[str, None] = {}
+    nodes = list(getattr(getattr(r, "value", None), "sources", ()))
+    nodes.sort(key=lambda n: (getattr(n, "_sort_key", ()), n.name))  # fx keeps graph order in _sort_key
+    for n in nodes:
         p = str(n.target) if n.op == "call_module" else module_path(n)
         if n.op != "call_module" and p == n.name:
             continue  # a functional op at the top level: no module
@@ -62,8 +64,8 @@ def _source_modules(r: Region) -> list[str]:
             p = p[len(r.block) + 1:]
         elif r.block and p == r.block:
             continue
-        paths.add(p)
-    return sorted(paths)
+        paths[p] = None
+    return list(paths)
 
 
 def region_names(regions: list[Region]) -> list[str]:

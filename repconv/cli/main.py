@@ -5,10 +5,17 @@ and interrupts: :mod:`repconv.cli.errors`; the helpers every command shares: :mo
 
 from __future__ import annotations
 
-import click
+if __name__ == "__main__":  # python -m repconv.cli.main: the entry point handles Ctrl-C before any import
+    from repconv.cli.entry import run
 
-from repconv.cli.errors import RepconvGroup
-from repconv.cli.progress import progress_display
+    run()
+
+import contextlib  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from repconv.cli.errors import RepconvGroup  # noqa: E402
 
 # (module, attribute) of each sub-command; a module that is missing is simply not offered.
 _COMMANDS = [
@@ -24,14 +31,15 @@ EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 a numerical check failed (verification, 
                    "130 interrupted (143 on SIGTERM), nothing written.")
 
 
-@click.group(cls=RepconvGroup, commands_from=_COMMANDS, wrap_invoke=progress_display, epilog=EXIT_CODES_HELP,
+def _progress() -> contextlib.AbstractContextManager[Any]:
+    from repconv.cli.progress import progress_display  # imports torch: only once a command runs
+
+    return progress_display()
+
+
+@click.group(cls=RepconvGroup, commands_from=_COMMANDS, wrap_invoke=_progress, epilog=EXIT_CODES_HELP,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repconv")
 def main() -> None:
     """Fuse, verify, export and profile re-parameterizable PyTorch models."""
 
-
-if __name__ == "__main__":
-    from repconv.cli.entry import run
-
-    run()

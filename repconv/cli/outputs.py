@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from repconv.cli.errors import UsageFailure, mark_outputs_committed, signals_blocked
+from repconv.cli.errors import UsageFailure, interrupt_seen, mark_outputs_committed, signals_blocked
 
 # suffix -> what a file of that name holds; an output whose name says another kind is refused
 _SUFFIX_KIND = {".onnx": "onnx", ".pt": "model", ".pth": "model", ".ts": "model", ".json": "json",
@@ -196,6 +196,10 @@ class OutputPlan:
         """Move every staged result into place; if one move fails, undo the others and raise."""
         done: list[Output] = []
         with signals_blocked():
+            late = interrupt_seen()
+            if late is not None:  # an interrupt that something swallowed: the command did not finish
+                self.discard()
+                raise late
             try:
                 for o in self.outputs:
                     self._put_in_place(o)

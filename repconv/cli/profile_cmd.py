@@ -82,11 +82,13 @@ def _load(spec: str, weights: str | None, allow_pickle: bool) -> Any:
 
 
 def _print(renderable: Any, keys: int = 1) -> None:
-    # Wide tables: when stdout is a file or pipe there is no terminal width to respect, and rich's
-    # default of 80 columns would only squeeze the numbers (print(width=) can narrow, not widen).
-    # In a terminal, the table is fitted to its width without cutting numbers.
-    out = console if console.is_terminal else Console(highlight=False, width=max(console.width, 160))
-    print_table(renderable, keys, out=out)
+    # In a terminal the table is fitted to its width without cutting numbers (print_table); a file or
+    # pipe has no width to respect, so the table gets its natural width there (at least 160 columns).
+    if console.is_terminal:
+        print_table(renderable, keys)
+        return
+    natural = Console(width=100_000).measure(renderable).maximum
+    Console(highlight=False, width=max(160, natural)).print(renderable)
 
 
 MAX_SECONDS = 86400  # a day per runtime and batch size: beyond that it is a typo, not a benchmark
