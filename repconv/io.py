@@ -81,13 +81,32 @@ def _load_factory(spec: str, weights: str | None, allow_pickle: bool,
             state = state.state_dict()
         if not isinstance(state, dict):
             raise ModelLoadError(f"{weights} does not hold a state dict")
+        problem = _state_dict_mismatch(model, state)
+        if problem:
+            raise ModelLoadError(f"weights {weights} do not match {spec}: {problem}")
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            detail = " ".join(line.strip() for line in first[:3])
-            raise ModelLoadError(f"weights {weights} do not match {spec}: {detail[:300]}") from None
+            raise ModelLoadError(f"weights {weights} do not match {spec}: {first_line(e)}") from None
     return model
+
+
+def _state_dict_mismatch(model: nn.Module, state: dict) -> str | None:
+    """What keeps ``state`` from loading into ``model``, in one short line (None if it fits)."""
+    own = model.state_dict()
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    parts = [f"{len(missing)} missing ({some(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+             f"{len(shapes)} of another shape ({some(shapes)})" if shapes else ""]
+    parts = [p for p in parts if p]
+    return f"keys: {'; '.join(parts)}" if parts else None
 
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")

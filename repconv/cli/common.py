@@ -76,13 +76,14 @@ __all__ = [
 
 MODEL_FORMS = (
     "\b\nMODEL is one of:\n"
-    "  net.pt          a torch.save(model) file: a pickle, loading it runs code (needs --allow-pickle)\n"
-    "  net.ts          a TorchScript file (torch.jit.save): loaded without running Python code\n"
-    "  pkg.mod:fn      a function returning the module (the current directory is importable);\n"
-    "                  --weights W.pth loads a state dict into it")
+    "  net.pt      a torch.save(model) file: a pickle; loading it runs code\n"
+    "              from the file, so it needs --allow-pickle\n"
+    "  net.ts      a TorchScript file (torch.jit.save): no Python code runs\n"
+    "  pkg.mod:fn  a function returning the module (the current directory is\n"
+    "              importable); --weights W.pth loads a state dict into it")
 EXIT_CODES = (
-    "\b\nExit codes: 0 ok; 1 a numerical check failed (nothing written); 2 bad usage or input (nothing\n"
-    "written); 3 internal error; 130 interrupted, 143 terminated (nothing written).")
+    "\b\nExit codes: 0 ok; 1 a numerical check failed; 2 bad usage or input;\n"
+    "3 internal error; 130 interrupted (143: SIGTERM). Only 0 writes anything.")
 
 
 def command_help(*extra: str) -> str:

@@ -31,9 +31,9 @@ from .common import (
     step,
 )
 
-OUTPUT_RULE = ("\b\nOutputs (-o, --report) are checked before any work and written together at the end, "
-               "only if\nthe whole command succeeds; an existing file is replaced (and the output says so) "
-               "unless\n--no-clobber. The input is never overwritten.")
+OUTPUT_RULE = ("\b\nOutputs (-o, --report) are checked before any work and written together\n"
+               "at the end, only if the whole command succeeds. An existing file is\n"
+               "replaced (and the output says so) unless --no-clobber; the input never.")
 
 
 def default_output(model: str) -> Path:

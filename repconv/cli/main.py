@@ -37,7 +37,7 @@ def _progress() -> contextlib.AbstractContextManager[Any]:
     return progress_display()
 
 
-@click.group(cls=RepconvGroup, commands_from=_COMMANDS, wrap_invoke=_progress, epilog=EXIT_CODES_HELP,
+@click.group("repconv", cls=RepconvGroup, commands_from=_COMMANDS, wrap_invoke=_progress, epilog=EXIT_CODES_HELP,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repconv")
 def main() -> None:

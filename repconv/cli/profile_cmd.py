@@ -92,9 +92,10 @@ def _print(renderable: Any, keys: int = 1) -> None:
 
 
 MAX_SECONDS = 86400  # a day per runtime and batch size: beyond that it is a typo, not a benchmark
-OUTPUT_RULE = ("\b\nOutputs (--json, --plot) are checked before any measurement and written together at the "
-               "end,\nonly if the whole command succeeds (a --baseline regression, exit 1, writes nothing); an\n"
-               "existing file is replaced (and the output says so) unless --no-clobber.")
+OUTPUT_RULE = ("\b\nOutputs (--json, --plot) are checked before any measurement and written\n"
+               "together at the end, only if the whole command succeeds (a --baseline\n"
+               "regression, exit 1, writes nothing). An existing file is replaced (and\n"
+               "the output says so) unless --no-clobber.")
 
 
 @click.command("profile", epilog=command_help(

@@ -45,7 +45,7 @@ class _StepDisplay:
             self._changed()
 
     def _changed(self) -> None:
-        self._progress.reset(self._task, description=" › ".join(self._stack))
+        self._progress.reset(self._task, description=" › ".join(self._stack), visible=bool(self._stack))
         with self._lock:
             if self._shown or self._closed:
                 return

@@ -168,7 +168,10 @@ def _try_fuse(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module | Non
 def _export(module: nn.Module, path: Path, example: torch.Tensor, dynamic_batch: bool) -> Path:
     from repconv.export.onnx import export_onnx
 
-    return Path(export_onnx(module, path, (example,), fuse=False, dynamic_batch=dynamic_batch))
+    # half precision: ORT and PyTorch round differently, so allow 8 ulps as verification does
+    half = example.dtype in (torch.float16, torch.bfloat16)
+    rtol = 8 * torch.finfo(example.dtype).eps if half else 1e-4
+    return Path(export_onnx(module, path, (example,), fuse=False, dynamic_batch=dynamic_batch, rtol=rtol))
 
 
 def _validate(runtimes: Sequence[str] | None, batch_sizes: Sequence[int] | None, threads: int | None,
