@@ -400,7 +400,8 @@ real_save = torch.save
 def slow_save(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)       # the staged file is written ...
     print("STAGED", f, file=sys.stderr, flush=True)
-    time.sleep(60)                           # ... and the command is still saving
+    for _ in range(600):                     # ... and the command is still saving (short sleeps: a
+        time.sleep(0.1)                      # signal caught by another thread wakes no long sleep)
 torch.save = slow_save
 from repconv.cli.entry import run
 run()
