@@ -230,14 +230,15 @@ def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
     if not kernels:
         raise ValueError("nothing to align")
     strides = {k.geom.stride for k in kernels}
-    modes = {k.geom.padding_mode for k in kernels}
+    # an unpadded kernel never reads the border, so its padding mode is whatever the others use
+    modes = {k.geom.padding_mode for k in kernels if any(k.geom.padding)}
     if len(strides) > 1:
         raise FusionRefused(f"branches have different strides {sorted(strides)}")
     if len({k.in_channels for k in kernels}) > 1:
         raise FusionRefused("branches read different channel counts")
     if len({_offset(k) for k in kernels}) > 1:
         raise FusionRefused("branches are not centred alike (2p - d(k-1) differs), outputs would not align")
-    if len(modes) > 1 and any(any(k.geom.padding) for k in kernels):
+    if len(modes) > 1:
         raise FusionRefused(f"branches mix padding modes {sorted(modes)}")
     kernels = _adopt_dilation(kernels)
     if len({k.geom.dilation for k in kernels}) > 1:
@@ -351,13 +352,33 @@ def avg_pool(channels: int, kernel_size: int | Pair, stride: int | Pair | None =
 
 # --------------------------------------------------------------------------- sequential composition
 
-def _matmul_grouped(a: Tensor, b: Tensor, groups: int) -> Tensor:
-    """Block-diagonal channel matrices: a (O, M/g), b (M, I/g) -> (O, I/g)."""
-    o, mg = a.shape
-    m, ig = b.shape
-    a = a.reshape(groups, o // groups, mg)
-    b = b.reshape(groups, m // groups, ig)
-    return torch.bmm(a, b).reshape(o, ig)
+def _grouped_product(b: Tensor, gb: int, a: Tensor, ga: int) -> tuple[Tensor, int]:
+    """``B @ A`` for block-diagonal channel maps in their grouped storage, per tap pair.
+
+    ``b`` is (O, M/gb, tb) with gb groups, ``a`` (M, I/ga, ta) with ga groups; the product has
+    g = gcd(ga, gb) groups and is returned as (O, I/g, tb * ta) with g. The mid channels are split
+    into the lcm(ga, gb) chunks that lie in one group of each, so no operand is densified: a dense
+    1x1 then a depthwise KxK costs O·I·K² here, not O²·I·K².
+    """
+    o, mb, tb = b.shape
+    m, ia, ta = a.shape
+    g, lcm = math.gcd(ga, gb), ga * gb // math.gcd(ga, gb)
+    chunk = m // lcm
+    bc = b.reshape(gb, o // gb, lcm // gb, chunk, tb).permute(0, 2, 1, 3, 4).reshape(lcm, o // gb, chunk, tb)
+    ac = a.reshape(lcm, chunk, ia, ta)
+    prod = torch.einsum("lomt,lmis->loits", bc, ac).reshape(lcm, o // gb, ia, tb * ta)
+    # chunk l lies in g-group l // (lcm/g), in b-group l // (lcm/gb) and in a-group l // (lcm/ga)
+    l_idx = torch.arange(lcm)
+    k, jb, ja = l_idx // (lcm // g), (l_idx // (lcm // gb)) % (gb // g), (l_idx // (lcm // ga)) % (ga // g)
+    out = prod.new_zeros(g, gb // g, ga // g, o // gb, ia, tb * ta)
+    out.index_put_((k, jb, ja), prod, accumulate=True)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(o, (ga // g) * ia, tb * ta), g
+
+
+def _grouped_bias(b_sum: Tensor, gb: int, bias: Tensor) -> Tensor:
+    """Grouped channel map (O, M/gb) applied to a vector of M."""
+    o, mb = b_sum.shape
+    return torch.einsum("gom,gm->go", b_sum.reshape(gb, o // gb, mb), bias.reshape(gb, mb)).reshape(o)
 
 
 def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
@@ -367,7 +388,8 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     * ``second`` is pointwise without padding: a channel mix applied after ``first``.
     * ``first`` is pointwise (any padding): the composition is ``second``'s kernel mixed by
       ``first``'s channel matrix; ``second``'s zero padding is exact only if ``first`` maps 0 to 0
-      (zero bias) or ``second`` has no padding.
+      (zero bias) or ``second`` has no padding; reflect / replicate / circular padding on one side
+      commutes with the channel mix (with its bias too), so it is exact.
     Anything else (KxK after KxK with padding, strided 1x1 first) is refused.
     """
     if first.out_channels != second.in_channels:
@@ -375,33 +397,30 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     cropped = _compose_crop(first, second)
     if cropped is not None:
         return cropped
-    g = math.gcd(first.geom.groups, second.geom.groups)
-    a, b = to_groups(first, g), to_groups(second, g)
+    a, b = first, second
+    ga, gb = a.geom.groups, b.geom.groups
     if b.is_pointwise and b.geom.padding == (0, 0):
-        w2 = b.weight[:, :, 0, 0]  # (O, M/g)
-        o, ig = b.out_channels, a.weight.shape[1]
-        kw = _matmul_grouped(w2, a.weight.reshape(a.out_channels, -1), g)
-        w = kw.reshape(o, ig, *a.kernel_size)
-        bias = _matmul_grouped(w2, a.bias.reshape(-1, 1), g).reshape(-1) + b.bias
-        return ConvKernel(w, bias, a.geom)
+        w, g = _grouped_product(b.weight.reshape(b.out_channels, -1, 1), gb,
+                                a.weight.reshape(a.out_channels, a.weight.shape[1], -1), ga)
+        bias = _grouped_bias(b.weight[:, :, 0, 0], gb, a.bias) + b.bias
+        return ConvKernel(w.reshape(b.out_channels, -1, *a.kernel_size), bias, replace(a.geom, groups=g))
     if a.is_pointwise:
-        if a.geom.padding_mode != "zeros" and any(a.geom.padding):
-            raise FusionRefused("pointwise conv with non-zero padding mode before another conv")
-        if b.geom.padding_mode != "zeros" and any(b.geom.padding):
-            raise FusionRefused(f"{b.geom.padding_mode} padding after a channel mix")
-        if any(b.geom.padding) and bool((a.bias != 0).any()):
+        a_pad, b_pad = any(a.geom.padding), any(b.geom.padding)
+        modes = {geo.padding_mode for geo, p in ((a.geom, a_pad), (b.geom, b_pad)) if p}
+        if a_pad and b_pad and modes != {"zeros"}:
+            raise FusionRefused(f"{'/'.join(sorted(modes))} padding on both sides of a channel mix")
+        # reflect / replicate / circular padding commutes with a per-pixel channel map (bias included)
+        mode = modes.pop() if modes else "zeros"
+        if b_pad and mode == "zeros" and bool((a.bias != 0).any()):
             raise FusionRefused("a per-pixel map with a bias (e.g. BN) before a zero-padded conv: the padded "
                                 "border would see 0 instead of the bias (fold it into a preceding conv instead)")
-        w1 = a.weight[:, :, 0, 0]  # (M, I/g)
-        o, mg = b.weight.shape[:2]
         kh, kw = b.kernel_size
-        # W[o, i, y, x] = sum_m W2[o, m, y, x] * W1[m, i]
-        w2 = b.weight.permute(2, 3, 0, 1).reshape(kh * kw, o, mg)
-        w = torch.stack([_matmul_grouped(w2[t], w1, g) for t in range(kh * kw)])
-        w = w.reshape(kh, kw, o, -1).permute(2, 3, 0, 1).contiguous()
-        bias = b.bias + _matmul_grouped(b.weight.sum((2, 3)), a.bias.reshape(-1, 1), g).reshape(-1)
+        w, g = _grouped_product(b.weight.reshape(b.out_channels, b.weight.shape[1], -1), gb,
+                                a.weight.reshape(a.out_channels, -1, 1), ga)
+        bias = b.bias + _grouped_bias(b.weight.sum((2, 3)), gb, a.bias)
         pad = (a.geom.padding[0] + b.geom.padding[0], a.geom.padding[1] + b.geom.padding[1])
-        return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g))
+        return ConvKernel(w.reshape(b.out_channels, -1, kh, kw), bias,
+                          replace(b.geom, padding=pad, groups=g, padding_mode=mode))
     raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
                         f"{second.kernel_size} conv exactly")
 

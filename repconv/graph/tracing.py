@@ -26,6 +26,20 @@ class RepTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _MutableProxy(node, self)
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # fx finds a parameter's name by scanning every named parameter on each access (quadratic:
+        # tens of seconds on GhostNetV3's functional branches); one map by identity instead
+        self._param_names = {id(p): n for n, p in root.named_parameters()} if isinstance(root, nn.Module) else {}
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        name = self._param_names.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raises whatever fx raises for untraceable code."""
