@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,16 @@ class Case:
     args: list[str]
     code: int
     message: str  # must appear in the one stderr line
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+
+
+def wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken conv+BN fold (kernel x1.5): what verification exists to catch."""
+    from repconv.algebra import conv as conv_algebra
+
+    real = conv_algebra.conv_then_affine
+    monkeypatch.setattr("repconv.graph.affine.A.conv_then_affine",
+                        lambda k, s, t: (lambda o: type(o)(o.weight * 1.5, o.bias, o.geom))(real(k, s, t)))
 
 
 CASES = [
@@ -162,8 +173,8 @@ CASES = [
          "cannot write afile/p.png: afile is a file, not a directory"),
     Case("--bundle over a file", ["export", F, *SHAPE, "--bundle", "afile"], 2, "afile exists and is not a directory"),
     # checks that fail: exit 1, nothing written
-    Case("--rtol 0 --atol 0 (fp32 means it)", ["fuse", F, *SHAPE, "-o", "f.pt", "--rtol", "0", "--atol", "0"], 1,
-         "fused model does not match (first diverging layer:"),
+    Case("verification fails", ["fuse", F, *SHAPE, "-o", "f.pt", "--report", "r.json"], 1,
+         "fused model does not match (first diverging layer: 0", patch=wrong_fold),
     Case("ONNX Runtime differs", ["export", "tests.cli_models:noisy", *SHAPE, "--no-fuse", "--onnx", "o.onnx"], 1,
          "differs from PyTorch"),
     # interrupted in the middle of the work
@@ -173,7 +184,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_matrix(case: Case, work: Path) -> None:
+def test_bad_input_matrix(case: Case, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.patch is not None:
+        case.patch(monkeypatch)
     before = tree(work)
     res = CliRunner().invoke(main, case.args)
     lines = stderr_lines(res.stderr)
@@ -424,3 +437,26 @@ def test_signal_while_saving_leaves_no_temp_file(tmp_path: Path, sig: int, code:
     assert proc.returncode == code, err
     assert lines == [message]
     assert tree(tmp_path) == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"the previous result"
+
+
+def test_rtol_means_what_it_says_for_fp32() -> None:
+    """No hidden floor for float32: an error of 4 float32 ulps fails rtol=0 and passes rtol=1e-6;
+    float16 keeps its documented floor of 8 ulps (the same relative error passes at rtol=0)."""
+    from repconv.verification import verify
+
+    class Scale(torch.nn.Module):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factor
+
+    x = torch.linspace(1, 2, 64)
+    four_ulps = 1 + 4 * torch.finfo(torch.float32).eps
+    assert not verify(Scale(1.0), Scale(four_ulps), x, rtol=0, atol=0).ok
+    assert verify(Scale(1.0), Scale(four_ulps), x, rtol=1e-6, atol=0).ok
+    half = x.half()
+    one_ulp16 = 1 + torch.finfo(torch.float16).eps
+    assert verify(Scale(1.0), Scale(one_ulp16), half, rtol=0, atol=0).ok  # under the 8-ulp floor
+    assert not verify(Scale(1.0), Scale(1 + 16 * torch.finfo(torch.float16).eps), half, rtol=0, atol=0).ok
