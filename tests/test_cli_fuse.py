@@ -117,7 +117,8 @@ def test_inspect_changes_nothing(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_real_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "f.pt"
-    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "fuse", FACTORY, "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "fuse", FACTORY, "--input-shape", "1,3,16,16",
+                           "-o", str(out)],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.exists()

@@ -96,4 +96,4 @@ def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # the export example at a smaller input, to keep the test short; everything else as written
     ns = {}
     exec(compile(export_block.replace("224, 224", "32, 32"), "README.md", "exec"), ns)  # noqa: S102
-    assert ns["path"].name == "rednet26.onnx" and (tmp_path / "rednet26.onnx").is_file()
+    assert ns["path"] == Path("out/rednet26.onnx") and (tmp_path / "out" / "rednet26.onnx").is_file()
