@@ -97,33 +97,24 @@ def _compact(table: Table) -> Table:
     return t
 
 
-def _split(table: Table, keys: int, width: int) -> list[Table] | None:
-    """The columns in two tables of ``table``'s rows, each starting with the ``keys`` key columns."""
+def _split(table: Table, keys: int, width: int, fold: bool) -> list[Table] | None:
+    """The columns in two (or more) tables of ``table``'s rows, each starting with the ``keys`` key
+    columns; text is folded inside words only with ``fold``."""
     cols = table.columns
     if keys <= 0 or keys >= len(cols) - 1:
         return None
-    rest = list(range(keys, len(cols)))
-    best = None
+    head, rest = list(range(keys)), list(range(keys, len(cols)))
     for cut in range(len(rest) - 1, 0, -1):  # as many columns as fit in the first table
-        first, second = _subset(table, list(range(keys)) + rest[:cut]), _subset(table, list(range(keys)) + rest[cut:])
-        if _fit_widths(first, width) is not None:
-            best = (first, second)
-            break
-    if best is None:
-        return None
-    first, second = best
-    second.title = None
-    out = []
-    for part in best:
-        widths = _fit_widths(part, width)
-        if widths is not None:
-            out.append(_apply(part, widths))
-        else:
-            split = _split(part, keys, width)
-            if split is None:
-                return None
-            out.extend(split)
-    return out
+        first = _subset(table, head + rest[:cut])
+        widths = _fit_widths(first, width, fold)
+        if widths is None:
+            continue
+        second = _subset(table, head + rest[cut:])
+        second.title = None
+        tail_widths = _fit_widths(second, width, fold)
+        tail = [_apply(second, tail_widths)] if tail_widths is not None else _split(second, keys, width, fold)
+        return None if tail is None else [_apply(first, widths), *tail]
+    return None
 
 
 def _subset(table: Table, indexes: list[int]) -> Table:
@@ -139,11 +130,36 @@ def fit_table(table: Table, width: int, keys: int = 1) -> list[Table]:
     the columns had to be split, each repeating the first ``keys`` columns."""
     if Console(width=100_000, highlight=False).measure(table).maximum <= width:
         return [table]
-    for candidate, fold in ((table, False), (_compact(table), False), (table, True), (_compact(table), True)):
+    for candidate, fold in ((table, False), (_compact(table), False)):
         widths = _fit_widths(candidate, width, fold)
         if widths is not None:
             return [_apply(copy.deepcopy(candidate), widths)]
-    return _split(_compact(table), keys, width) or [table]
+    # No fit without breaking a word. One table that breaks a few letters (onnxrunt|ime) keeps each
+    # row's figures together; when names would be shredded, two tables that keep words whole.
+    folded = None
+    for candidate in (table, _compact(table)):
+        widths = _fit_widths(candidate, width, True)
+        if widths is not None:
+            folded = _apply(copy.deepcopy(candidate), widths)
+            break
+    if folded is not None and _broken_letters(folded) <= _MILD_FOLD:
+        return [folded]
+    parts = _split(_compact(table), keys, width, fold=False)
+    if parts is not None and len(parts) <= 2:
+        return parts
+    return [folded] if folded is not None else parts or _split(_compact(table), keys, width, fold=True) or [table]
+
+
+_MILD_FOLD = 4  # letters moved to the next line, summed over the columns, that still read fine
+
+
+def _broken_letters(table: Table) -> int:
+    """How many letters of the longest words do not fit their (fixed) column widths."""
+    total = 0
+    for col in table.columns:
+        longest = max([_longest_word(_plain(c)) for c in col._cells] + [_longest_word(_plain(col.header))])
+        total += max(0, longest - (col.width or longest))
+    return total
 
 
 def print_table(table: Table, console: Console, keys: int = 1) -> None:
