@@ -557,7 +557,7 @@ def export_onnx_with_report(
     report.ir_version = final.ir_version
     with step("checking in ONNX Runtime"):
         _check_ort(final, cases, rtol, atol, report)
-    with step(f"writing {target.name}"):
+    with step("writing the ONNX file"):
         _write_atomic(final, target)
     report.seconds = time.perf_counter() - t0
     return report
