@@ -160,6 +160,8 @@ CASES = [
          "cannot write afile/r.json: afile is a file, not a directory"),
     Case("-o and --report the same", ["fuse", F, *SHAPE, "-o", "x.json", "--report", "x.json"], 2,
          "-o x.json: the name says a JSON report, but this writes a PyTorch model"),
+    Case("-o and --report one file", ["fuse", F, *SHAPE, "-o", "same.bin", "--report", "same.bin"], 2,
+         "-o and --report both name same.bin"),
     Case("--report same as -o", ["fuse", F, *SHAPE, "-o", "f.pt", "--report", "f.pt"], 2,
          "--report f.pt: the name says a PyTorch model, but this writes a JSON report"),
     Case("--json an .onnx name", ["profile", F, *SHAPE, *FAST, "--json", "m.onnx"], 2,
