@@ -99,6 +99,13 @@ class Affine:
     # first op of a chain of leading-dim reshapes (flatten(0, 1) around BatchNorm1d) that has not
     # returned to the root's leading shape: the region may not end there
     view_start: fx.Node | None = None
+    # the kernel reads ``root.permute(*root_perm)``: a channels-last map (timm's LayerNorm2d affine)
+    # turned into a conv over dim 1 by ``permute(0, 3, 1, 2)``
+    root_perm: tuple[int, ...] | None = None
+    # the kernel reads ``F.pad(root, pre_pad)``: an asymmetric zero padding (left, right, top,
+    # bottom) before a conv, as TF-style "same" padding writes it; one conv has one symmetric padding,
+    # so the fused form is that explicit pad and one conv
+    pre_pad: tuple[int, int, int, int] | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -296,9 +303,9 @@ def _scaled(k: Kernel, s: float) -> Kernel:
 
 def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affine:
     """A weighted sum of branches on one root (signs are the weights: ``a - b``, ``add(alpha=)``, mean)."""
-    roots = {v.root for v in values}
+    roots = {(v.root, v.root_perm, v.pre_pad) for v in values}
     if len(roots) != 1:
-        raise DifferentRoots("branches start from different tensors")
+        raise DifferentRoots("branches start from different tensors (or differently padded)")
     for v in values:
         _check_exact(v)
     if _conv_mode(values, values[0].rank == 4):
@@ -317,7 +324,7 @@ def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affi
 
 def through_concat(node: fx.Node, values: list[Affine], dim: int) -> Affine:
     """torch.cat of branches: along dim 1 of images (conv) or along the last dim (linear)."""
-    roots = {v.root for v in values}
+    roots = {(v.root, v.root_perm, v.pre_pad) for v in values}
     if len(roots) != 1:
         raise DifferentRoots("concatenated branches start from different tensors")
     for v in values:
@@ -412,3 +419,31 @@ def through_view(node: fx.Node, v: Affine, out_shape: tuple[int, ...]) -> Affine
     back = out_shape[:-1] == root_shape[:-1]
     start = None if back else (v.view_start or node.args[0])
     return replace(v, rank=len(out_shape), extra=v.extra | {node}, view_start=start)
+
+
+def through_permute(node: fx.Node, v: Affine, dims: tuple[int, ...]) -> Affine:
+    """``y.permute(0, 3, 1, 2)`` of a channels-last feature map: the map becomes a 1x1 conv of the
+    permuted root (LayerNorm2d's affine can then fold into the next conv)."""
+    if not isinstance(v.kernel, LinearKernel) or v.rank != 4 or tuple(dims) != (0, 3, 1, 2) or v.root_perm:
+        raise FusionRefused("permute of a value other than a channels-last feature map")
+    _check_exact(v)
+    k = v.kernel
+    conv = ConvKernel(k.weight[:, :, None, None].contiguous(), k.bias.clone(), A.ConvGeometry())
+    terms = None if v.terms is None else tuple(
+        t.then(lambda lk: ConvKernel(lk.weight[:, :, None, None], lk.bias, A.ConvGeometry())) for t in v.own_terms())
+    return replace(v, kernel=conv, root_perm=(0, 3, 1, 2), extra=v.extra | {node}, channels=conv.out_channels,
+                   terms=terms)
+
+
+def through_asymmetric_pad(node: fx.Node, v: Affine, pads: tuple[int, int, int, int]) -> Affine:
+    """Zero padding with different amounts on two sides, of the root or of a bias-free per-pixel map
+    of it (zero maps to zero, so padding first is the same): kept as an explicit pad of the root."""
+    _check_exact(v)
+    if not v.is_conv or v.root_perm:
+        raise FusionRefused("asymmetric padding of a non-image value")
+    k = v.conv()
+    if not k.is_pointwise or any(k.geom.padding) or bool((k.bias != 0).any()):
+        raise FusionRefused("asymmetric padding after a spatial or biased op: one conv pads symmetrically")
+    total = pads if v.pre_pad is None else tuple(a + b for a, b in zip(v.pre_pad, pads, strict=True))
+    terms = () if v.is_identity else v.terms
+    return replace(v, kernel=k, pre_pad=total, sources=v.sources | {node}, terms=terms)
