@@ -345,3 +345,27 @@ def test_asymmetric_zero_padding_stays_an_explicit_pad_before_one_conv() -> None
     with torch.no_grad():
         x2 = torch.randn(2, 4, 11, 9)  # other sizes too: the pad is explicit, not baked into a kernel
         assert rel_err(fused(x2), model(x2)) < 1e-5
+
+
+def test_layer_scale_after_permute_folds_into_the_linear_which_stays_a_linear() -> None:
+    """torchvision ConvNeXt: Linear on channels-last, permute back, layer scale (C, 1, 1)."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int = 16) -> None:
+            super().__init__()
+            self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+            self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+            self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.pw2(self.act(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+            return x + self.layer_scale * y.permute(0, 3, 1, 2)
+
+    model = Block().eval()
+    x = torch.randn(2, 16, 8, 8)
+    fused, _ = fuse_with_report(model, x)
+    assert [type(m).__name__ for m in fused.modules() if isinstance(m, nn.Conv2d | nn.Linear)] == \
+        ["Conv2d", "Linear", "Linear"]
+    assert "mul" not in fused.code  # the layer scale went into pw2
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) < 1e-5
