@@ -9,6 +9,7 @@ end, so folding error stays near fp64 round-off. A rule that would not be exact 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,6 +68,11 @@ class ConvKernel:
     @property
     def kernel_size(self) -> Pair:
         return (self.weight.shape[2], self.weight.shape[3])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The weight's shape (known without computing a deferred kernel)."""
+        return tuple(self.weight.shape)
 
     @property
     def is_pointwise(self) -> bool:
@@ -230,14 +236,15 @@ def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
     if not kernels:
         raise ValueError("nothing to align")
     strides = {k.geom.stride for k in kernels}
-    modes = {k.geom.padding_mode for k in kernels}
+    # an unpadded kernel never reads the border, so its padding mode is whatever the others use
+    modes = {k.geom.padding_mode for k in kernels if any(k.geom.padding)}
     if len(strides) > 1:
         raise FusionRefused(f"branches have different strides {sorted(strides)}")
     if len({k.in_channels for k in kernels}) > 1:
         raise FusionRefused("branches read different channel counts")
     if len({_offset(k) for k in kernels}) > 1:
         raise FusionRefused("branches are not centred alike (2p - d(k-1) differs), outputs would not align")
-    if len(modes) > 1 and any(any(k.geom.padding) for k in kernels):
+    if len(modes) > 1:
         raise FusionRefused(f"branches mix padding modes {sorted(modes)}")
     kernels = _adopt_dilation(kernels)
     if len({k.geom.dilation for k in kernels}) > 1:
@@ -351,13 +358,33 @@ def avg_pool(channels: int, kernel_size: int | Pair, stride: int | Pair | None =
 
 # --------------------------------------------------------------------------- sequential composition
 
-def _matmul_grouped(a: Tensor, b: Tensor, groups: int) -> Tensor:
-    """Block-diagonal channel matrices: a (O, M/g), b (M, I/g) -> (O, I/g)."""
-    o, mg = a.shape
-    m, ig = b.shape
-    a = a.reshape(groups, o // groups, mg)
-    b = b.reshape(groups, m // groups, ig)
-    return torch.bmm(a, b).reshape(o, ig)
+def _grouped_product(b: Tensor, gb: int, a: Tensor, ga: int) -> tuple[Tensor, int]:
+    """``B @ A`` for block-diagonal channel maps in their grouped storage, per tap pair.
+
+    ``b`` is (O, M/gb, tb) with gb groups, ``a`` (M, I/ga, ta) with ga groups; the product has
+    g = gcd(ga, gb) groups and is returned as (O, I/g, tb * ta) with g. The mid channels are split
+    into the lcm(ga, gb) chunks that lie in one group of each, so no operand is densified: a dense
+    1x1 then a depthwise KxK costs O·I·K² here, not O²·I·K².
+    """
+    o, mb, tb = b.shape
+    m, ia, ta = a.shape
+    g, lcm = math.gcd(ga, gb), ga * gb // math.gcd(ga, gb)
+    chunk = m // lcm
+    bc = b.reshape(gb, o // gb, lcm // gb, chunk, tb).permute(0, 2, 1, 3, 4).reshape(lcm, o // gb, chunk, tb)
+    ac = a.reshape(lcm, chunk, ia, ta)
+    prod = torch.einsum("lomt,lmis->loits", bc, ac).reshape(lcm, o // gb, ia, tb * ta)
+    # chunk l lies in g-group l // (lcm/g), in b-group l // (lcm/gb) and in a-group l // (lcm/ga)
+    l_idx = torch.arange(lcm)
+    k, jb, ja = l_idx // (lcm // g), (l_idx // (lcm // gb)) % (gb // g), (l_idx // (lcm // ga)) % (ga // g)
+    out = prod.new_zeros(g, gb // g, ga // g, o // gb, ia, tb * ta)
+    out.index_put_((k, jb, ja), prod, accumulate=True)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(o, (ga // g) * ia, tb * ta), g
+
+
+def _grouped_bias(b_sum: Tensor, gb: int, bias: Tensor) -> Tensor:
+    """Grouped channel map (O, M/gb) applied to a vector of M."""
+    o, mb = b_sum.shape
+    return torch.einsum("gom,gm->go", b_sum.reshape(gb, o // gb, mb), bias.reshape(gb, mb)).reshape(o)
 
 
 def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
@@ -367,41 +394,100 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     * ``second`` is pointwise without padding: a channel mix applied after ``first``.
     * ``first`` is pointwise (any padding): the composition is ``second``'s kernel mixed by
       ``first``'s channel matrix; ``second``'s zero padding is exact only if ``first`` maps 0 to 0
-      (zero bias) or ``second`` has no padding.
+      (zero bias) or ``second`` has no padding; reflect / replicate / circular padding on one side
+      commutes with the channel mix (with its bias too), so it is exact.
     Anything else (KxK after KxK with padding, strided 1x1 first) is refused.
     """
+    shape, geom, make = _compose_plan(first, second)
+    return make()
+
+
+def compose_deferred(first: ConvKernel, second: ConvKernel) -> ConvKernel:
+    """:func:`compose`, checked now (the same refusals) but computed on first use: the fusion pass
+    weighs a composition by its shape and often discards it (a depthwise 7x7 then a 1x1 expansion
+    would be a dense 7x7 kernel 45x as costly), so the kernel is only built when it is kept."""
+    shape, geom, make = _compose_plan(first, second)
+    return DeferredConvKernel(shape, geom, make)
+
+
+class DeferredConvKernel(ConvKernel):
+    """A ConvKernel whose weight and bias are computed on first access; its shape and geometry are
+    known from the start."""
+
+    def __init__(self, shape: tuple[int, int, int, int], geom: ConvGeometry, make: Callable[[], ConvKernel]):
+        self._shape, self.geom, self._make, self._value = shape, geom, make, None
+
+    def _force(self) -> ConvKernel:
+        if self._value is None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self._force().weight
+
+    @property
+    def bias(self) -> Tensor:  # type: ignore[override]
+        return self._force().bias
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape
+
+    @property
+    def out_channels(self) -> int:
+        return self._shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self._shape[1] * self.geom.groups
+
+    @property
+    def kernel_size(self) -> Pair:
+        return (self._shape[2], self._shape[3])
+
+
+def _compose_plan(first: ConvKernel, second: ConvKernel
+                  ) -> tuple[tuple[int, int, int, int], ConvGeometry, Callable[[], ConvKernel]]:
+    """(result shape, result geometry, computation) of ``compose``, or FusionRefused."""
     if first.out_channels != second.in_channels:
         raise FusionRefused("channel mismatch between composed convs")
     cropped = _compose_crop(first, second)
     if cropped is not None:
-        return cropped
-    g = math.gcd(first.geom.groups, second.geom.groups)
-    a, b = to_groups(first, g), to_groups(second, g)
+        return cropped.shape, cropped.geom, lambda: cropped
+    a, b = first, second
+    ga, gb = a.geom.groups, b.geom.groups
+    g = math.gcd(ga, gb)
     if b.is_pointwise and b.geom.padding == (0, 0):
-        w2 = b.weight[:, :, 0, 0]  # (O, M/g)
-        o, ig = b.out_channels, a.weight.shape[1]
-        kw = _matmul_grouped(w2, a.weight.reshape(a.out_channels, -1), g)
-        w = kw.reshape(o, ig, *a.kernel_size)
-        bias = _matmul_grouped(w2, a.bias.reshape(-1, 1), g).reshape(-1) + b.bias
-        return ConvKernel(w, bias, a.geom)
+        geom = replace(a.geom, groups=g)
+
+        def channel_mix() -> ConvKernel:
+            w, _ = _grouped_product(b.weight.reshape(b.out_channels, -1, 1), gb,
+                                    a.weight.reshape(a.out_channels, a.weight.shape[1], -1), ga)
+            bias = _grouped_bias(b.weight[:, :, 0, 0], gb, a.bias) + b.bias
+            return ConvKernel(w.reshape(b.out_channels, -1, *a.kernel_size), bias, geom)
+
+        return (b.out_channels, a.in_channels // g, *a.kernel_size), geom, channel_mix
     if a.is_pointwise:
-        if a.geom.padding_mode != "zeros" and any(a.geom.padding):
-            raise FusionRefused("pointwise conv with non-zero padding mode before another conv")
-        if b.geom.padding_mode != "zeros" and any(b.geom.padding):
-            raise FusionRefused(f"{b.geom.padding_mode} padding after a channel mix")
-        if any(b.geom.padding) and bool((a.bias != 0).any()):
+        a_pad, b_pad = any(a.geom.padding), any(b.geom.padding)
+        modes = {geo.padding_mode for geo, p in ((a.geom, a_pad), (b.geom, b_pad)) if p}
+        if a_pad and b_pad and modes != {"zeros"}:
+            raise FusionRefused(f"{'/'.join(sorted(modes))} padding on both sides of a channel mix")
+        # reflect / replicate / circular padding commutes with a per-pixel channel map (bias included)
+        mode = modes.pop() if modes else "zeros"
+        if b_pad and mode == "zeros" and bool((a.bias != 0).any()):
             raise FusionRefused("a per-pixel map with a bias (e.g. BN) before a zero-padded conv: the padded "
                                 "border would see 0 instead of the bias (fold it into a preceding conv instead)")
-        w1 = a.weight[:, :, 0, 0]  # (M, I/g)
-        o, mg = b.weight.shape[:2]
-        kh, kw = b.kernel_size
-        # W[o, i, y, x] = sum_m W2[o, m, y, x] * W1[m, i]
-        w2 = b.weight.permute(2, 3, 0, 1).reshape(kh * kw, o, mg)
-        w = torch.stack([_matmul_grouped(w2[t], w1, g) for t in range(kh * kw)])
-        w = w.reshape(kh, kw, o, -1).permute(2, 3, 0, 1).contiguous()
-        bias = b.bias + _matmul_grouped(b.weight.sum((2, 3)), a.bias.reshape(-1, 1), g).reshape(-1)
         pad = (a.geom.padding[0] + b.geom.padding[0], a.geom.padding[1] + b.geom.padding[1])
-        return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g))
+        geom = replace(b.geom, padding=pad, groups=g, padding_mode=mode)
+
+        def mixed_kernel() -> ConvKernel:
+            w, _ = _grouped_product(b.weight.reshape(b.out_channels, b.weight.shape[1], -1), gb,
+                                    a.weight.reshape(a.out_channels, -1, 1), ga)
+            bias = b.bias + _grouped_bias(b.weight.sum((2, 3)), gb, a.bias)
+            return ConvKernel(w.reshape(b.out_channels, -1, *b.kernel_size), bias, geom)
+
+        return (b.out_channels, a.in_channels // g, *b.kernel_size), geom, mixed_kernel
     raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
                         f"{second.kernel_size} conv exactly")
 

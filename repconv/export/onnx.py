@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
+from repconv.diagnose import describe_forward_failure
 from repconv.export import forms
 from repconv.export import involution_onnx as inv_onnx
 from repconv.export.capture import DEFAULT_EXPORTER, EXPORTERS, capture, quiet_native_output
@@ -51,7 +52,7 @@ from repconv.export.checks import Case, OrtCheck, check_cases, run_checks
 from repconv.export.errors import DataDependentError, ExportCheckError, ExportError, UnsupportedOperatorError
 from repconv.export.normalize import normalize
 from repconv.export.patterns import InvolutionMatch, rewrite_involutions
-from repconv.util import eval_mode, first_line, tensor_leaves
+from repconv.util import eval_mode, first_line, step, tensor_leaves
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -77,6 +78,7 @@ DEFAULT_TARGET = forms.DEFAULT_TARGET
 # (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET); the dynamo exporter writes 18 and
 # converts to 18..23 (below 18 its version conversion drops ops, so it is not offered)
 OPSETS = {"torchscript": (9, 20), "dynamo": (18, 23)}
+MIN_OPSET, MAX_OPSET = min(lo for lo, _ in OPSETS.values()), max(hi for _, hi in OPSETS.values())
 
 
 @dataclass
@@ -148,8 +150,7 @@ def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
         with torch.no_grad():
             out = model(*_fresh(inputs))
     except Exception as e:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ExportError(f"the model fails on input {shapes}: {first_line(e)}") from None
+        raise ExportError(describe_forward_failure(model, inputs, e)) from None
     if not tensor_leaves(out):
         raise ExportError("the model returns no tensors")
     return out
@@ -326,8 +327,9 @@ def export_onnx_with_report(
                 work = copy.deepcopy(model)  # the rewrite below must never touch the caller's module
             work.eval()
             work, report.involutions = rewrite_involutions(work, _fresh(inputs))
-            captured = capture(work, _fresh(inputs), raw, exporter=exporter, opset=opset,
-                               dynamic_batch=dynamic_batch, allow_specialize=allow_specialize, original=model)
+            with step("exporting to ONNX"):
+                captured = capture(work, _fresh(inputs), raw, exporter=exporter, opset=opset,
+                                   dynamic_batch=dynamic_batch, allow_specialize=allow_specialize, original=model)
         # torch's notices about its own APIs (TorchScript conversion, pytree renames) stay off the
         # user's terminal; anything else is reported
         for w in caught:
@@ -347,7 +349,8 @@ def export_onnx_with_report(
     exported = captured.model
     _finish_domains(exported, opset)
     report.nodes_exported = len(exported.graph.node)
-    final = normalize(_simplify(exported, report) if simplify else exported)
+    with step("simplifying (onnxsim)"):
+        final = normalize(_simplify(exported, report) if simplify else exported)
     _finish_domains(final, opset)  # onnxsim may rewrite imports / ir_version
     final = _validate(final)
     report.nodes_final = len(final.graph.node)
@@ -361,7 +364,8 @@ def export_onnx_with_report(
     written: dict[str, onnx.ModelProto] = {}
     for t in [target, *(t for t in extras if t != target)]:
         form = _in_form(final, t, opset)
-        checks, native = run_checks(form, cases, rtol, atol, tolerate=tolerate)
+        with step("checking in ONNX Runtime"):
+            checks, native = run_checks(form, cases, rtol, atol, tolerate=tolerate)
         if t == target:
             report.checks, report.native_available = checks, native
         written[t] = form
@@ -374,13 +378,14 @@ def export_onnx_with_report(
         if not c.ok:
             report.warnings.append(f"specialized export differs from PyTorch on the {c.input} input "
                                    f"(max rel {c.max_rel:.2g}): that input takes the other branch")
-    _write_atomic(main, out_path)
-    for t, p in extras.items():
-        if t == target:
-            shutil.copyfile(out_path, p)
-        else:
-            _write_atomic(written[t], p)
-        report.extra_forms[t] = p
+    with step("writing the ONNX file"):
+        _write_atomic(main, out_path)
+        for t, p in extras.items():
+            if t == target:
+                shutil.copyfile(out_path, p)
+            else:
+                _write_atomic(written[t], p)
+            report.extra_forms[t] = p
     report.notes.insert(0, _form_note(report))
     report.seconds = time.perf_counter() - t0
     return report

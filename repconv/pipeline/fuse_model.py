@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 from collections.abc import Sequence
 
@@ -17,10 +18,12 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from repconv import verification
+from repconv.diagnose import describe_forward_failure
 from repconv.dynamic import deploy_rewrites
 from repconv.graph import FuseReport, first_divergence, rewrite, trace
+from repconv.graph.leftovers import sweep_leftovers
 from repconv.io import ModelLoadError, infer_input_shape
-from repconv.util import eval_mode, first_line
+from repconv.util import eval_mode, first_line, step
 from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, Inputs, VerificationError, as_tuple
 
 
@@ -49,7 +52,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     report.input_shapes = [list(t.shape) for t in inputs]
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), step("tracing and fusing"):
         # dynamic operators (CondConv, PSConv, ...) first take their inference form
         if isinstance(model, torch.jit.ScriptModule):
             source: nn.Module = _from_torchscript(model, inputs)
@@ -63,6 +66,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         # from the user's model while copying only what survived fusion
         fused = copy.deepcopy(_fuse_module(source, inputs, report, prefix=""))
     fused.eval()
+    sweep_leftovers(fused, report)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.params_after = sum(p.numel() for p in fused.parameters())
     if verify:
@@ -70,8 +74,11 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         checks = [inputs] + [tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
                                    if t.is_floating_point() else t for t in inputs) for _ in range(2)]
         checks += [as_tuple(s) for s in samples]
-        with eval_mode(model):
-            result = verification.verify(model, fused, checks, rtol=rtol, atol=atol)
+        ref64 = functools.cache(lambda: _float64_copy(model, inputs, report))
+        with eval_mode(model), step("verifying"):
+            result = verification.verify(model, fused, checks, rtol=rtol, atol=atol, float64_reference=ref64)
+            if not result.ok and ref64() is not None:
+                result.float64_fold = _float64_fold(ref64(), checks, report)
             if not result.ok:
                 result.first_divergence = first_divergence(model, fused, inputs, rtol, atol)
         report.verification = result
@@ -79,6 +86,42 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
             raise VerificationError(result)
     return fused, report
 
+
+
+def _float64_fold(ref64: nn.Module, checks: list[tuple[torch.Tensor, ...]],
+                  report: FuseReport) -> list[verification.OutputStats] | None:
+    """The same fusion of the float64 copy, compared with it: exact when the rewrite is (see
+    repconv/verification.py). None where it does not reach the same structure."""
+    try:
+        fused64, report64 = fuse_with_report(ref64, tuple(t.double() if t.is_floating_point() else t
+                                                          for t in checks[0]), verify=False)
+    except Exception:  # noqa: BLE001 - the float64 run is an extra check; without it the verdict stands
+        return None
+    if [r.module_path for r in report64.regions] != [r.module_path for r in report.regions]:
+        return None
+    stats: list[verification.OutputStats] = []
+    with torch.no_grad():
+        for sample in checks:
+            s64 = tuple(t.double() if t.is_floating_point() else t.clone() for t in sample)
+            found = verification.compare_outputs(ref64(*(t.clone() for t in s64)), fused64(*s64))
+            stats = found if not stats else [max(a, b, key=lambda o: o.max_rel) for a, b in zip(stats, found,
+                                                                                                strict=True)]
+    return stats
+
+
+def _float64_copy(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport) -> nn.Module | None:
+    """The original in float64: the reference the fused model is measured against (see
+    repconv/verification.py). None (compare with the original itself) where it cannot run so."""
+    if not any(t.is_floating_point() for t in inputs):
+        return None
+    try:
+        ref = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            ref(*(t.double() if t.is_floating_point() else t for t in inputs))
+        return ref
+    except Exception as e:  # custom ops without float64 kernels, dtype-pinned code
+        report.notes.append(f"verified against the original in its own dtype (no float64 copy: {first_line(e)})")
+        return None
 
 
 # --------------------------------------------------------------------------- the pass
@@ -206,24 +249,10 @@ def _example_inputs(model: nn.Module, example_inputs: Inputs | None, seed: int) 
 
 
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Run the model once; a failure is the user's input not fitting it."""
+    """Run the model once; a failure is the model not running on these inputs: say why."""
     try:
         model(*inputs)
     except Exception as e:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        try:
-            expected = f"; its first layer expects {_expected_dims(model)}"
-        except ModelLoadError:
-            expected = ""
-        raise FuseInputError(f"model does not accept input {shapes}{expected} ({first_line(e)})") from None
-
-
-def _expected_dims(model: nn.Module) -> str:
-    shape = infer_input_shape(model)
-    if len(shape) == 4:
-        return f"(N, C={shape[1]}, H, W)"
-    if len(shape) == 3:
-        return f"(N, C={shape[1]}, L)"
-    return f"(N, {shape[1]} features)"
+        raise FuseInputError(describe_forward_failure(model, inputs, e)) from None
 
 
