@@ -110,7 +110,7 @@ CASES = [
     Case("--input-shape 0,3,8,8", ["fuse", F, "--input-shape", "0,3,8,8"], 2, "must have positive dimensions"),
     Case("export --rtol nan", ["export", F, "--onnx", "o.onnx", "--rtol", "nan"], 2, "not a finite number"),
     Case("export --opset 99", ["export", F, *SHAPE, "--onnx", "o.onnx", "--opset", "99"], 2,
-         "--opset 99 is outside what the exporter supports (9..20)"),
+         "--opset 99 is outside what the dynamo exporter supports (18..23)"),
     Case("export --opset 0", ["export", F, "--onnx", "o.onnx", "--opset", "0"], 2, "'0' must be positive"),
     Case("export nothing", ["export", F], 2, "nothing to export: give --onnx OUT.onnx and/or --bundle DIR"),
     Case("export --dtype bfloat16", ["export", F, "--onnx", "o.onnx", "--dtype", "bfloat16"], 2,

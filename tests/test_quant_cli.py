@@ -180,7 +180,7 @@ def test_compare_cli_fp32_int8_and_sensitivity(runner: CliRunner, tmp_path: Path
     assert sens[0]["sqnr_db"] <= sens[1]["sqnr_db"]
     # a strict tolerance: INT8 departs at the first quantized tensor (conv + ReLU, one QDQ) -> exit 1 naming it
     res = runner.invoke(main, ["compare", str(fp32), str(int8), "--per-layer", "--inputs", str(inputs)])
-    assert res.exit_code == 1 and "first diverging layer: /Relu (after 0.reparam)" in res.output
+    assert res.exit_code == 1 and "first diverging layer: node_relu (after 0.reparam)" in res.output
     # PyTorch model against its export: exact
     res = runner.invoke(main, ["compare", PLAIN, str(fp32), "--per-layer", "--random", "2"])
     assert res.exit_code == 0 and "first diverging layer: none" in res.output, res.output

@@ -362,5 +362,6 @@ def export_fp32(model: Any, example: Any, *, opset: int | None = None) -> tuple[
 
     with tempfile.TemporaryDirectory(prefix="repconv-quant-") as tmp:
         path = Path(tmp) / "fp32.onnx"
-        report = export_onnx_with_report(model, path, example, opset=opset)
+        # ORT quantizes and runs it: keep the Involution op (fp32, native kernel) rather than standard ops
+        report = export_onnx_with_report(model, path, example, opset=opset, target="onnxruntime")
         return onnx.load(path), report
