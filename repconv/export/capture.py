@@ -38,7 +38,14 @@ from torch.utils._pytree import tree_flatten_with_path
 import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
 from repconv.dynamic._common import onnx_static_batch
 from repconv.export import involution_onnx as inv_onnx
-from repconv.export.control_flow import ControlFlowSite, is_data_dependent, site_from_exception, site_from_location
+from repconv.export.checks import other_batch
+from repconv.export.control_flow import (
+    ControlFlowSite,
+    exception_chain,
+    is_data_dependent,
+    site_from_exception,
+    site_from_location,
+)
 from repconv.export.errors import DataDependentError, ExportError, UnsupportedOperatorError
 from repconv.util import first_line, tensor_leaves
 
@@ -252,20 +259,11 @@ _TS_OP_RE = re.compile(r"operator '([^']+)'")
 _DYNAMO_OP_RE = re.compile(r"OpOverload\(op='([^']+)'")
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in out:
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
-
 def _fx_node_module(exc: BaseException) -> str | None:
     """'path (Class)' from the fx node the dynamo translator was converting when it failed."""
     import traceback
 
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         for frame, _ in traceback.walk_tb(e.__traceback__):
             node = frame.f_locals.get("node")
             if isinstance(node, torch.fx.Node):
@@ -278,7 +276,7 @@ def _fx_node_module(exc: BaseException) -> str | None:
 
 
 def _innermost_message(exc: BaseException) -> str:
-    for e in reversed(_chain(exc)):
+    for e in reversed(exception_chain(exc)):
         text = first_line(e)
         if text and not text.startswith("Failed to"):
             return text
@@ -298,11 +296,6 @@ def _data_dependent(exc: BaseException, model: nn.Module) -> DataDependentError:
 # ---------------------------------------------------------------------------------------------
 
 
-def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Inputs with batch 3 (from batch 1): torch.export specializes a size-1 axis to a constant."""
-    return tuple(torch.cat([t, t.flip(-1), t.roll(1, dims=-1)]) for t in inputs)
-
-
 def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str], out_names: list[str],
             opset: int, dynamic_batch: bool, locate_in: nn.Module) -> onnx.ModelProto:
     table = {torch.ops.repconv.involution.default: involution_translation()}
@@ -312,8 +305,8 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
         shapes = tuple({0: batch} for _ in inputs)
         if isinstance(model, _FlatOutputs):  # forward(*args): one entry, the specs of all args
             shapes = (shapes,)
-        if inputs[0].shape[0] == 1:
-            inputs = _other_batch(inputs)
+        if inputs[0].shape[0] == 1:  # torch.export specializes a size-1 axis to a constant
+            inputs = other_batch(inputs)
     try:
         program = torch.onnx.export(
             model, inputs, dynamo=True, opset_version=opset, input_names=in_names, output_names=out_names,
@@ -322,7 +315,7 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
     except Exception as e:
         if is_data_dependent(e):
             raise _data_dependent(e, locate_in) from None
-        for text in map(str, _chain(e)):
+        for text in map(str, exception_chain(e)):
             m = _DYNAMO_OP_RE.search(text)
             if m and "No ONNX function found" in text:
                 op = m.group(1).replace(".", "::", 1)

@@ -32,7 +32,7 @@ from repconv.export import involution_onnx as inv_onnx
 from repconv.export.errors import ExportCheckError
 from repconv.util import first_line
 
-__all__ = ["OrtCheck", "Case", "check_cases", "run_checks"]
+__all__ = ["OrtCheck", "Case", "check_cases", "other_batch", "native_options", "run_checks"]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from types import FrameType
 import torch
 from torch import nn
 
-__all__ = ["ControlFlowSite", "is_data_dependent", "site_from_exception", "site_from_location"]
+__all__ = ["ControlFlowSite", "exception_chain", "is_data_dependent", "site_from_exception", "site_from_location"]
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _STDLIB_DIR = str(Path(os.__file__).resolve().parent)
@@ -53,7 +53,7 @@ _DATA_DEPENDENT_MARKERS = ("data-dependent", "data dependent", "GuardOnDataDepen
 
 def is_data_dependent(exc: BaseException) -> bool:
     """Does ``exc`` (or anything it was raised from) say torch.export met a data-dependent value?"""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if type(e).__name__ == "GuardOnDataDependentSymNode":
             return True
         if isinstance(e, torch.jit.TracerWarning):
@@ -63,7 +63,8 @@ def is_data_dependent(exc: BaseException) -> bool:
     return False
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from (``__cause__``, else ``__context__``), outermost first."""
     seen: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in seen:
@@ -88,7 +89,7 @@ def _module_names(model: nn.Module) -> dict[int, str]:
 def site_from_exception(exc: BaseException, model: nn.Module) -> ControlFlowSite | None:
     """The innermost user-code frame of ``exc``'s traceback (any exception in its chain)."""
     names = _module_names(model)
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         frames: list[tuple[FrameType, int]] = list(traceback.walk_tb(e.__traceback__))
         user = [(f, line) for f, line in frames if _is_user_file(f.f_code.co_filename)]
         if not user:
