@@ -51,8 +51,11 @@ def _first_line(e: BaseException) -> str:
     lines = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
-    telling = next((ln for ln in lines if any(t in ln for t in _TELLING)), lines[0])
-    return telling[:300]
+    for key in _TELLING:  # in order: OpenVINO's summary line before its per-node details
+        line = next((ln for ln in lines if key in ln), None)
+        if line is not None:
+            return line[:300]
+    return lines[0][:300]
 
 
 def _onnxruntime(path: Path, threads: int, native: bool) -> Runner:
