@@ -230,14 +230,15 @@ def align(kernels: list[ConvKernel]) -> list[ConvKernel]:
     if not kernels:
         raise ValueError("nothing to align")
     strides = {k.geom.stride for k in kernels}
-    modes = {k.geom.padding_mode for k in kernels}
+    # an unpadded kernel never reads the border, so its padding mode is whatever the others use
+    modes = {k.geom.padding_mode for k in kernels if any(k.geom.padding)}
     if len(strides) > 1:
         raise FusionRefused(f"branches have different strides {sorted(strides)}")
     if len({k.in_channels for k in kernels}) > 1:
         raise FusionRefused("branches read different channel counts")
     if len({_offset(k) for k in kernels}) > 1:
         raise FusionRefused("branches are not centred alike (2p - d(k-1) differs), outputs would not align")
-    if len(modes) > 1 and any(any(k.geom.padding) for k in kernels):
+    if len(modes) > 1:
         raise FusionRefused(f"branches mix padding modes {sorted(modes)}")
     kernels = _adopt_dilation(kernels)
     if len({k.geom.dilation for k in kernels}) > 1:
@@ -367,7 +368,8 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     * ``second`` is pointwise without padding: a channel mix applied after ``first``.
     * ``first`` is pointwise (any padding): the composition is ``second``'s kernel mixed by
       ``first``'s channel matrix; ``second``'s zero padding is exact only if ``first`` maps 0 to 0
-      (zero bias) or ``second`` has no padding.
+      (zero bias) or ``second`` has no padding; reflect / replicate / circular padding on one side
+      commutes with the channel mix (with its bias too), so it is exact.
     Anything else (KxK after KxK with padding, strided 1x1 first) is refused.
     """
     if first.out_channels != second.in_channels:
@@ -385,11 +387,13 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
         bias = _matmul_grouped(w2, a.bias.reshape(-1, 1), g).reshape(-1) + b.bias
         return ConvKernel(w, bias, a.geom)
     if a.is_pointwise:
-        if a.geom.padding_mode != "zeros" and any(a.geom.padding):
-            raise FusionRefused("pointwise conv with non-zero padding mode before another conv")
-        if b.geom.padding_mode != "zeros" and any(b.geom.padding):
-            raise FusionRefused(f"{b.geom.padding_mode} padding after a channel mix")
-        if any(b.geom.padding) and bool((a.bias != 0).any()):
+        a_pad, b_pad = any(a.geom.padding), any(b.geom.padding)
+        modes = {g.padding_mode for g, p in ((a.geom, a_pad), (b.geom, b_pad)) if p}
+        if a_pad and b_pad and modes != {"zeros"}:
+            raise FusionRefused(f"{'/'.join(sorted(modes))} padding on both sides of a channel mix")
+        # reflect / replicate / circular padding commutes with a per-pixel channel map (bias included)
+        mode = modes.pop() if modes else "zeros"
+        if b_pad and mode == "zeros" and bool((a.bias != 0).any()):
             raise FusionRefused("a per-pixel map with a bias (e.g. BN) before a zero-padded conv: the padded "
                                 "border would see 0 instead of the bias (fold it into a preceding conv instead)")
         w1 = a.weight[:, :, 0, 0]  # (M, I/g)
@@ -401,7 +405,7 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
         w = w.reshape(kh, kw, o, -1).permute(2, 3, 0, 1).contiguous()
         bias = b.bias + _matmul_grouped(b.weight.sum((2, 3)), a.bias.reshape(-1, 1), g).reshape(-1)
         pad = (a.geom.padding[0] + b.geom.padding[0], a.geom.padding[1] + b.geom.padding[1])
-        return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g))
+        return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g, padding_mode=mode))
     raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
                         f"{second.kernel_size} conv exactly")
 

@@ -1,72 +1,30 @@
 """Find maximal linear regions in a traced graph and rewrite each as one conv / linear.
 
 The analysis walks nodes in program order and gives each an :class:`Affine` value (see
-affine.py). A value with a non-identity kernel that some user cannot absorb is a region output:
-it is replaced by a single module computing ``kernel(root)``. A value absorbed by two users (or
-also read directly) would be computed twice, so it is materialized instead and the analysis
-re-run ("forced" roots) until stable.
+affine.py) through the transfer rule registered for its op (rules/). A value with a non-identity
+kernel that some user cannot absorb is a region output: it is replaced by a single module
+computing ``kernel(root)``. A value absorbed by two users (or also read directly) would be computed
+twice, so it is materialized instead and the analysis re-run ("forced" roots) until stable.
+Metadata reads (``x.shape``, ``x.ndim``) are not reads of the value (semantics.py).
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from repconv import algebra as A
-from repconv.algebra import ConvKernel, FusionRefused, LinearKernel
+from repconv.algebra import FusionRefused
 
 from . import affine as V
-from .affine import Affine, identity_of
-
-
-class NotAffine(Exception):
-    """The op is not linear in its tensor input: its output is an opaque root."""
-
-
-aten = torch.ops.aten
-# Python-level ops and their aten twins (graphs converted from TorchScript / torch.export use aten)
-_ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add.Scalar}
-_SUB = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub.Scalar}
-_MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
-_DIV = {operator.truediv, operator.itruediv, torch.div, aten.div.Tensor, aten.div.Scalar}
-_CAT = {torch.cat, torch.concat, aten.cat.default}
-_PASS_FUNCS = {F.dropout, F.dropout2d, F.dropout1d, torch.clone, aten.dropout.default, aten.clone.default}
-CONV_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
-LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
-_AVG_POOL = {F.avg_pool2d, aten.avg_pool2d.default}
-_PASS_METHODS = {"contiguous", "clone"}
-_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64)
-
-
-def _conv_kernel_of(weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any, dilation: Any,
-                    groups: int, padding_mode: str = "zeros") -> ConvKernel:
-    w = _f64(weight)
-    if w.dim() != 4:
-        raise NotAffine
-    b = _f64(bias) if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = 0
-        else:  # 'same': symmetric only for odd effective kernel sizes
-            d = A.conv._pair(dilation)
-            eff = [d[i] * (w.shape[2 + i] - 1) for i in range(2)]
-            if any(e % 2 for e in eff) or A.conv._pair(stride) != (1, 1):
-                raise FusionRefused("padding='same' with an even effective kernel pads asymmetrically")
-            padding = (eff[0] // 2, eff[1] // 2)
-    geom = A.ConvGeometry(A.conv._pair(stride), A.conv._pair(padding), A.conv._pair(dilation), int(groups),
-                          padding_mode)
-    return ConvKernel(w, b, geom)
+from .affine import Affine, identity_of, shape_of
+from .rules import NotAffine, Op, rule_for
+from .rules.conv import CONV_FUNCTIONS
+from .rules.linear import LINEAR_FUNCTIONS
+from .semantics import is_metadata_use, value_users
 
 
 class Analysis:
@@ -82,6 +40,8 @@ class Analysis:
         self.absorbed: dict[fx.Node, set[fx.Node]] = {}
         self.refusals: dict[fx.Node, str] = {}  # the node itself could not be expressed
         self.blocked: dict[fx.Node, str] = {}  # a consumer could not absorb this node's value
+        self.stacks: dict[fx.Node, tuple[list[Affine], int]] = {}  # torch.stack nodes: (members, dim)
+        self.cost_cuts: dict[fx.Node, str] = {}  # merges / compositions cut because they cost more
 
     # -- value access ------------------------------------------------------------------------
     def _consumable(self, node: fx.Node) -> Affine | None:
@@ -91,6 +51,32 @@ class Analysis:
         if not v.is_identity and node in self.forced:
             return identity_of(node)
         return v
+
+    def const(self, x: Any) -> Any:
+        """A constant operand; one computed from the input (CondConv's per-sample weight) makes the op opaque."""
+        if isinstance(x, fx.Node):
+            if x not in self.consts:
+                raise NotAffine
+            return self.consts[x]
+        if isinstance(x, list | tuple) and any(isinstance(a, fx.Node) for a in x):
+            return type(x)(self.const(a) for a in x)
+        return x
+
+    def static(self, x: Any) -> Any:
+        found: list[fx.Node] = []
+        fx.node.map_arg(x, lambda a: found.append(a) or a)
+        if any(a not in self.consts for a in found):
+            raise NotAffine
+        return fx.node.map_arg(x, lambda a: self.consts[a])
+
+    def invalidate(self, target: fx.Node, reason: str) -> None:
+        """``target`` was mutated (a slice assignment): it can only be read as it is, a forced root."""
+        v = self.values.get(target)
+        if v is not None and not v.is_identity:
+            self.refusals[target] = reason
+            self.forced.add(target)
+            self.invalidated.add(target)
+            self.values[target] = identity_of(target)
 
     def run(self) -> Analysis:
         for node in self.gm.graph.nodes:
@@ -104,6 +90,10 @@ class Analysis:
         inputs = [a for a in _tensor_inputs(node) if a not in self.consts]
         if node.op == "placeholder" or not inputs:
             return identity_of(node)
+        found = rule_for(node, self.modules)
+        if found is None:
+            return identity_of(node)
+        rule, params = found
         # 1st try: extend the inputs' values; 2nd: treat the inputs as fresh roots
         first_error: str | None = None
         for fresh in (False, True):
@@ -117,7 +107,7 @@ class Analysis:
                 return v
 
             try:
-                result = self._transfer(node, get)
+                result = rule(Op(self, node, get, params))
             except (NotAffine, V.DifferentRoots):  # nothing to report: an ordinary op or residual add
                 return identity_of(node)
             except FusionRefused as e:
@@ -138,313 +128,6 @@ class Analysis:
             self.refusals[node] = first_error
         return identity_of(node)
 
-    # -- op dispatch ---------------------------------------------------------------------------
-    def _const(self, x: Any) -> Any:
-        if not isinstance(x, fx.Node):
-            return x
-        if x not in self.consts:  # computed from the input (CondConv's per-sample weight): opaque op
-            raise NotAffine
-        return self.consts[x]
-
-    def _arg(self, node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-        if len(node.args) > i:
-            return node.args[i]
-        return node.kwargs.get(name, default)
-
-    def _static(self, node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-        """A geometry argument (kernel size, stride, padding) as a Python value. One computed from
-        the input's shape at run time (SE blocks: ``avg_pool2d(x, x.size(3))``) is not a constant
-        of the model: the op is then opaque."""
-        arg = self._arg(node, i, name, default)
-        found: list[fx.Node] = []
-        fx.node.map_arg(arg, lambda a: found.append(a) or a)
-        if any(a not in self.consts for a in found):
-            raise NotAffine
-        return fx.node.map_arg(arg, lambda a: self.consts[a])
-
-    def _transfer(self, node: fx.Node, get: Callable[[fx.Node], Affine]) -> Affine | None:
-        if node.op == "call_module":
-            return self._module(node, self.modules[node.target], get)
-        if node.op == "call_method":
-            return self._method(node, get)
-        if node.op == "call_function":
-            return self._function(node, get)
-        raise NotAffine
-
-    def _module(self, node: fx.Node, m: nn.Module, get: Callable[[fx.Node], Affine]) -> Affine:
-        x = node.args[0] if node.args else None
-        if not isinstance(x, fx.Node) or len(node.args) != 1 or node.kwargs:
-            raise NotAffine
-        if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-            k = ConvKernel.of(m)
-            k = ConvKernel(_f64(k.weight), _f64(k.bias), k.geom)
-            return V.through_conv(node, get(x), k)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in _BN_FORWARDS:
-            if m.training:
-                raise NotAffine
-            if m.running_mean is None:
-                raise FusionRefused("BatchNorm without running statistics normalizes with batch stats: left as is")
-            scale, shift = A.bn_module_scale_shift(m)
-            return V.through_channel_affine(node, get(x), scale, shift, axis="dim1")
-        if type(m) is nn.Linear:
-            return V.through_linear(node, get(x), LinearKernel(_f64(m.weight), _bias(m.bias, m.weight.shape[0])))
-        if type(m) is nn.AvgPool2d:
-            v = get(x)
-            pool = A.avg_pool(v.out_channels, m.kernel_size, m.stride, m.padding, count_include_pad=m.count_include_pad,
-                              ceil_mode=m.ceil_mode, divisor_override=m.divisor_override)
-            return V.through_conv(node, v, pool)
-        if isinstance(m, _PASS_MODULES):
-            return V.passthrough(node, get(x))
-        if type(m) in (nn.ZeroPad2d, nn.ConstantPad2d) and getattr(m, "value", 0.0) == 0.0:
-            return self._zero_pad(node, get(x), m.padding)
-        if type(m) is nn.LayerNorm and m.elementwise_affine and m.weight is not None:
-            return self._layer_norm_affine(node, m)
-        raise NotAffine
-
-    def _layer_norm_affine(self, node: fx.Node, m: nn.LayerNorm) -> Affine:
-        """LayerNorm = normalize, then (gamma, beta) on the last dim. The affine part may fold into
-        a following Linear; the node itself then runs a LayerNorm without affine."""
-        if len(m.normalized_shape) != 1:
-            raise NotAffine
-        root = identity_of(node)
-        if root is None:
-            raise NotAffine
-        gamma = _f64(m.weight)
-        beta = _f64(m.bias) if m.bias is not None else torch.zeros_like(gamma)
-
-        def strip(gm: fx.GraphModule, node: fx.Node = node, m: nn.LayerNorm = m) -> None:
-            plain = nn.LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=False)
-            name = f"{node.target}_noaffine".replace(".", "_")
-            gm.add_submodule(name, plain)
-            node.target = name
-
-        v = V.through_channel_affine(node, root, gamma, beta, axis="last")
-        return Affine(**{**v.__dict__, "sources": frozenset(), "root_fixes": (strip,),
-                         "extra": frozenset({node})})
-
-    def _zero_pad(self, node: fx.Node, v: Affine, pad: Any) -> Affine:
-        pad = tuple(pad) if not isinstance(pad, int) else (pad,) * 4
-        if len(pad) != 4 or pad[0] != pad[1] or pad[2] != pad[3] or min(pad) < 0:
-            raise FusionRefused("asymmetric or non-2-D zero padding")
-        return V.through_zero_pad(node, v, (pad[2], pad[0]))
-
-    def _method(self, node: fx.Node, get: Callable[[fx.Node], Affine]) -> Affine:
-        name = node.target
-        if name in _PASS_METHODS and len(node.args) == 1:
-            return V.passthrough(node, get(node.args[0]))
-        if name in ("add", "add_", "sub", "sub_") and len(node.args) == 2 and "alpha" not in node.kwargs:
-            return self._add(node, [node.args[0], node.args[1]], [1.0, 1.0 if name.startswith("add") else -1.0], get)
-        if name in ("mul", "mul_", "div", "div_") and len(node.args) == 2:
-            return self._scale(node, node.args[0], node.args[1], name.startswith("div"), get)
-        raise NotAffine
-
-    def _function(self, node: fx.Node, get: Callable[[fx.Node], Affine]) -> Affine | None:
-        f = node.target
-        args = node.args
-        if f in _ADD and len(args) == 2 and "alpha" not in node.kwargs:
-            return self._add(node, list(args), [1.0, 1.0], get)
-        if f in _SUB and len(args) == 2 and "alpha" not in node.kwargs:
-            return self._add(node, list(args), [1.0, -1.0], get)
-        if f in _MUL and len(args) == 2:
-            return self._scale(node, args[0], args[1], False, get)
-        if f in _DIV and len(args) == 2 and not node.kwargs:
-            return self._scale(node, args[0], args[1], True, get)
-        if f in (operator.neg, torch.neg):
-            v = get(args[0])
-            one = torch.ones(1, dtype=torch.float64)
-            return V.through_channel_affine(node, v, -one, 0 * one)
-        if f in _CAT:
-            tensors = self._arg(node, 0, "tensors")
-            dim = self._arg(node, 1, "dim", 0)
-            values = [get(t) for t in tensors] if all(isinstance(t, fx.Node) for t in tensors) else None
-            if not values:
-                raise NotAffine
-            return V.through_concat(node, values, dim)
-        if f in _PASS_FUNCS:
-            training = self._arg(node, 2, "training", True) if f not in (torch.clone, aten.clone.default) else False
-            if training:
-                raise NotAffine
-            return V.passthrough(node, get(args[0]))
-        if f in CONV_FUNCTIONS:
-            x = args[0]
-            w = self._const(self._arg(node, 1, "weight"))
-            if not isinstance(x, fx.Node) or not isinstance(w, torch.Tensor):
-                raise NotAffine
-            k = _conv_kernel_of(w, self._const(self._arg(node, 2, "bias")), self._static(node, 3, "stride", 1),
-                                self._static(node, 4, "padding", 0), self._static(node, 5, "dilation", 1),
-                                self._static(node, 6, "groups", 1))
-            return V.through_conv(node, get(x), k)
-        if f in LINEAR_FUNCTIONS:
-            w = self._const(self._arg(node, 1, "weight"))
-            if not isinstance(w, torch.Tensor):
-                raise NotAffine
-            b = self._const(self._arg(node, 2, "bias"))
-            return V.through_linear(node, get(args[0]), LinearKernel(_f64(w), _bias(b, w.shape[0])))
-        if f in (F.batch_norm, aten.batch_norm.default):
-            if f is F.batch_norm:  # (x, mean, var, weight, bias, training, momentum, eps)
-                rm, rv = self._const(self._arg(node, 1, "running_mean")), self._const(self._arg(node, 2, "running_var"))
-                w, b = self._const(self._arg(node, 3, "weight")), self._const(self._arg(node, 4, "bias"))
-            else:  # aten: (x, weight, bias, mean, var, training, momentum, eps, cudnn_enabled)
-                w, b = self._const(self._arg(node, 1, "weight")), self._const(self._arg(node, 2, "bias"))
-                rm, rv = self._const(self._arg(node, 3, "running_mean")), self._const(self._arg(node, 4, "running_var"))
-            if self._arg(node, 5, "training", False) or not isinstance(rm, torch.Tensor):
-                raise NotAffine
-            eps = self._arg(node, 7, "eps", 1e-5)
-            scale, shift = A.bn_scale_shift(_f64(rm), _f64(rv), None if w is None else _f64(w),
-                                            None if b is None else _f64(b), eps)
-            return V.through_channel_affine(node, get(args[0]), scale, shift, axis="dim1")
-        if f in _AVG_POOL:
-            v = get(args[0])
-            k = self._static(node, 1, "kernel_size")
-            stride = self._static(node, 2, "stride", None) or k
-            pool = A.avg_pool(v.out_channels, k, stride, self._static(node, 3, "padding", 0),
-                              ceil_mode=self._static(node, 4, "ceil_mode", False),
-                              count_include_pad=self._static(node, 5, "count_include_pad", True),
-                              divisor_override=self._static(node, 6, "divisor_override", None))
-            return V.through_conv(node, v, pool)
-        if f in (F.pad, aten.pad.default, aten.constant_pad_nd.default):
-            if f is aten.constant_pad_nd.default:
-                mode, value = "constant", self._arg(node, 2, "value", 0)
-            else:
-                mode, value = self._arg(node, 2, "mode", "constant"), self._arg(node, 3, "value", None)
-            if mode != "constant" or value not in (None, 0, 0.0):
-                raise NotAffine
-            return self._zero_pad(node, get(args[0]), self._static(node, 1, "pad"))
-        if f is operator.setitem:
-            return self._setitem(node)
-        if f is operator.getitem and isinstance(args[0], fx.Node):
-            rc = _crop_index(args[1])
-            v = get(args[0]) if rc is not None else None
-            if v is None or v.rank != 4:
-                raise NotAffine
-            return V.through_conv(node, v, A.crop(v.out_channels, *rc))
-        raise NotAffine
-
-    def _setitem(self, node: fx.Node) -> None:
-        target, index, fill = node.args
-        v = self.values.get(target)
-        side = _border_side(index, v)
-        fill_value = self._const(fill) if (not isinstance(fill, fx.Node) or fill in self.consts) else None
-        if v is None or side is None or not isinstance(fill_value, torch.Tensor | float | int):
-            self._invalidate(target, "slice assignment into the tensor")
-            return None
-        try:
-            self.values[target] = V.fill_border(node, v, side, torch.as_tensor(fill_value))
-        except FusionRefused as e:
-            self._invalidate(target, str(e))
-        return None
-
-    def _invalidate(self, target: fx.Node, reason: str) -> None:
-        v = self.values.get(target)
-        if v is not None and not v.is_identity:
-            self.refusals[target] = reason
-            # the mutated tensor can only be read as it is: treat it as a forced root
-            self.forced.add(target)
-            self.invalidated.add(target)
-            self.values[target] = identity_of(target)
-
-    def _add(self, node: fx.Node, operands: list[Any], signs: list[float],
-             get: Callable[[fx.Node], Affine]) -> Affine:
-        is_tensor = [isinstance(o, fx.Node) and o not in self.consts for o in operands]
-        tensors = [(o, s) for o, s, t in zip(operands, signs, is_tensor, strict=True) if t]
-        consts = [(self._const(o), s) for o, s, t in zip(operands, signs, is_tensor, strict=True) if not t]
-        if not tensors:
-            raise NotAffine
-        values = [get(o) for o, _ in tensors]
-        if len(values) == 2:
-            out = V.through_add(node, values, [s for _, s in tensors])
-        else:  # tensor +- constant: a shift (and a sign)
-            one = torch.ones(1, dtype=torch.float64)
-            out = V.through_channel_affine(node, values[0], tensors[0][1] * one, 0 * one)
-        for c, s in consts:
-            shift, axis = _per_channel(c, out)
-            out = V.through_channel_affine(node, out, torch.ones(1, dtype=torch.float64), s * shift, axis)
-        return out
-
-    def _scale(self, node: fx.Node, a: Any, b: Any, divide: bool, get: Callable[[fx.Node], Affine]) -> Affine:
-        a_t = isinstance(a, fx.Node) and a not in self.consts
-        b_t = isinstance(b, fx.Node) and b not in self.consts
-        if a_t == b_t or (divide and b_t):
-            raise NotAffine  # tensor * tensor is not linear; const / tensor neither
-        x, c = (a, self._const(b)) if a_t else (b, self._const(a))
-        v = get(x)
-        scale, axis = _per_channel(c, v)
-        if divide:
-            scale = 1.0 / scale
-        return V.through_channel_affine(node, v, scale, torch.zeros_like(scale), axis)
-
-
-def _bias(b: torch.Tensor | None, n: int) -> torch.Tensor:
-    return _f64(b) if b is not None else torch.zeros(n, dtype=torch.float64)
-
-
-def _per_channel(c: Any, v: Affine) -> tuple[torch.Tensor, str]:
-    """A scalar or per-channel constant as (vector, axis); anything else is not a channel affine."""
-    if isinstance(c, int | float) and not isinstance(c, bool):
-        return torch.tensor([float(c)], dtype=torch.float64), "any"
-    if not isinstance(c, torch.Tensor) or not c.is_floating_point() and c.dtype not in (torch.int64, torch.int32):
-        raise NotAffine
-    t = _f64(c)
-    if t.numel() == 1:
-        return t.reshape(1), "any"
-    shape = list(t.shape)
-    nontrivial = [i for i, s in enumerate(shape) if s != 1]
-    if len(nontrivial) != 1:
-        raise NotAffine
-    from_end = len(shape) - nontrivial[0]  # 1 = last dim
-    if v.rank == 4 and from_end == 3:
-        return t.reshape(-1), "dim1"
-    if from_end == 1:
-        return t.reshape(-1), "last"
-    raise NotAffine
-
-
-def _crop_index(index: Any) -> tuple[int, int] | None:
-    """``x[:, :, r:-r, c:-c]`` (either dim may be ``:``) as (r, c); anything else None."""
-    if not isinstance(index, tuple) or len(index) != 4 or not all(isinstance(s, slice) for s in index):
-        return None
-    full = slice(None, None, None)
-    if index[0] != full or index[1] != full:
-        return None
-    rc = []
-    for s in index[2:]:
-        if s == full:
-            rc.append(0)
-        elif (s.step in (None, 1) and isinstance(s.start, int) and isinstance(s.stop, int)
-              and s.start > 0 and s.stop == -s.start):
-            rc.append(s.start)
-        else:
-            return None
-    return (rc[0], rc[1]) if any(rc) else None
-
-
-def _border_side(index: Any, v: Affine | None) -> str | None:
-    """Which padded border ``out[index]`` covers: top/bottom/left/right, or None."""
-    if v is None or not v.border_debt or not isinstance(index, tuple) or len(index) != 4:
-        return None
-    if not all(isinstance(s, slice) and s.step in (None, 1) for s in index):
-        return None
-    full = slice(None, None, None)
-    if index[0] != full or index[1] != full:
-        return None
-    k = v.kernel
-    ph, pw = k.geom.padding if isinstance(k, ConvKernel) else (0, 0)
-
-    def band(s: slice, p: int) -> str | None:
-        if s.start in (None, 0) and s.stop == p:
-            return "start"
-        if s.start == -p and s.stop is None:
-            return "end"
-        return None
-
-    if index[3] == full and ph:
-        b = band(index[2], ph)
-        return {"start": "top", "end": "bottom"}.get(b or "")
-    if index[2] == full and pw:
-        b = band(index[3], pw)
-        return {"start": "left", "end": "right"}.get(b or "")
-    return None
-
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     out: list[fx.Node] = []
@@ -460,26 +143,63 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
     # through a root that is forced in the same round). Refused twice, the forcing is permanent.
     last_invalid: set[fx.Node] = set()
     seen_invalid: set[fx.Node] = set()
+    cuts: dict[fx.Node, str] = {}
     for _ in range(max_rounds):
         an = Analysis(gm, consts, forced | last_invalid).run()
+        an.cost_cuts = cuts
         new = set(forced) | (an.invalidated & seen_invalid)
         seen_invalid |= an.invalidated
         for node, v in an.values.items():
             if v is None or v.is_identity or node in new:
                 continue
             absorbers = an.absorbed.get(node, set())
-            direct = [u for u in node.users if u not in absorbers and u not in v.extra]
+            direct = [u for u in value_users(node) if u not in absorbers and u not in v.extra]
             if len(absorbers) > 1 or (absorbers and direct):
                 new.add(node)
         for node in region_outputs(an):
             v = an.values[node]
-            if v.expensive and region_macs(an, node) > original_macs(an, v.sources):
+            if v.view_start is not None:  # leading dims not back to the root's: end before the reshapes
+                new.add(v.view_start)
+            fused_macs, parts = region_macs(an, node), original_macs(an, v.sources)
+            if v.expensive and fused_macs > parts:
                 # cut before each composition / merge that grew the kernel: its inputs become roots
                 new |= {a for c in v.expensive for a in _tensor_inputs(c) if a not in an.consts}
+                for c in v.expensive:
+                    cuts.setdefault(c, f"exact merge cut for cost: one fused kernel would cost "
+                                       f"{fused_macs / max(parts, 1):.1f}x the multiply-adds of its parts")
+            new |= _unanswerable_metadata(node, v)
         if new == forced and an.invalidated == last_invalid:
             return an
         forced, last_invalid = new, set(an.invalidated)
     return an
+
+
+def _unanswerable_metadata(out: fx.Node, v: Affine) -> set[fx.Node]:
+    """Absorbed nodes whose shape is read outside the region: after the rewrite the read goes to the
+    region's output or root when that has the same shape (rank-only reads: always); otherwise the
+    node must stay materialized."""
+    inside = v.sources | v.extra
+    bad = set()
+    for s in inside - {out}:
+        for u in s.users:
+            if u in inside or not is_metadata_use(u, s):
+                continue
+            if metadata_stand_in(u, s, out, v.root) is None:
+                bad.add(s)
+    return bad
+
+
+def metadata_stand_in(user: fx.Node, node: fx.Node, out: fx.Node, root: fx.Node) -> fx.Node | None:
+    """A node with the shape (or, for rank / dtype reads, the rank) ``user`` reads from ``node``."""
+    shape = shape_of(node)
+    for cand in (out, root):
+        if shape is not None and shape_of(cand) == shape:
+            return cand
+    rank_only = (user.op == "call_function" and user.args[1:2] in (("ndim",), ("dtype",), ("device",))) or (
+        user.op == "call_method" and user.target in ("dim", "ndimension"))
+    if rank_only and shape is not None and len(shape_of(out) or ()) == len(shape):
+        return out
+    return None
 
 
 def region_outputs(an: Analysis) -> list[fx.Node]:
@@ -488,7 +208,7 @@ def region_outputs(an: Analysis) -> list[fx.Node]:
         if v is None or v.is_identity:
             continue
         absorbers = an.absorbed.get(node, set())
-        if any(u not in absorbers and u not in v.extra for u in node.users):
+        if any(u not in absorbers and u not in v.extra for u in value_users(node)):
             outs.append(node)
     return outs
 
@@ -528,7 +248,7 @@ def original_macs(an: Analysis, sources: frozenset[fx.Node]) -> int:
                 kh, kw = A.conv._pair(m.kernel_size)
                 total += per_item * kh * kw
                 continue
-        if n.op == "call_function" and n.target in CONV_FUNCTIONS | LINEAR_FUNCTIONS:
+        if n.op == "call_function" and n.target in CONV_FUNCTIONS + LINEAR_FUNCTIONS:
             w = an.consts.get(n.args[1]) if isinstance(n.args[1], fx.Node) else None
             if isinstance(w, torch.Tensor):
                 total += w.numel() * _spatial(n)

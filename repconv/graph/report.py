@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
+from torch import Tensor
 
 from repconv.algebra import ConvKernel
 from repconv.verification import VerifyReport
 
 from .affine import Affine
+
+
+@dataclass
+class BranchTerm:
+    """One original branch's exact share of a fused kernel, in float64 (``weight`` has the fused
+    module's weight shape; None when the branch adds only a shift). The terms of a region sum to its
+    fused weight and bias."""
+
+    label: str  # the branch's module path in the original model, e.g. "stage1.0.rbr_identity"
+    ops: list[str]
+    weight: Tensor | None
+    bias: Tensor | None
 
 
 @dataclass
@@ -24,6 +38,18 @@ class Region:
     ops: list[str] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    module_path: str = ""  # where the fused module lives in the returned model
+    # computes :attr:`terms` on first use: aligning every branch to the fused geometry costs as
+    # much as the fusion itself, and only quantization analysis asks for it
+    term_source: Callable[[], list[BranchTerm]] | None = field(default=None, repr=False, compare=False)
+    _terms: list[BranchTerm] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def terms(self) -> list[BranchTerm]:
+        """The fused kernel split exactly by original branch (empty when it was not tracked)."""
+        if self._terms is None:
+            self._terms = self.term_source() if self.term_source is not None else []
+        return self._terms
 
     @property
     def branches(self) -> int:
@@ -50,7 +76,7 @@ class FuseReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "regions": [{"block": r.block, "kind": region_kind(r), "branches": r.branches, "ops": r.ops,
-                         "result": region_result(r), "params_before": r.params_before,
+                         "result": region_result(r), "module": r.module_path, "params_before": r.params_before,
                          "params_after": r.params_after} for r in self.regions],
             "left": [{"where": x.where, "reason": x.reason} for x in self.left],
             "untraced": self.untraced, "notes": self.notes,

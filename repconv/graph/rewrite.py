@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -9,20 +10,31 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .regions import CONV_FUNCTIONS, LINEAR_FUNCTIONS, Analysis, analyze, region_outputs
-from .report import FuseReport, Refusal, Region
+from repconv import algebra as A
+from repconv.algebra import ConvKernel, FusionRefused
+
+from .affine import Affine
+from .regions import CONV_FUNCTIONS, LINEAR_FUNCTIONS, Analysis, analyze, metadata_stand_in, region_outputs
+from .report import BranchTerm, FuseReport, Refusal, Region
+from .semantics import functionalize, is_metadata_use
 from .tracing import fold_constants, module_path
 
 
 def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.GraphModule:
     """Replace every multi-op linear region of ``gm`` (shapes propagated) with one module."""
+    problems = functionalize(gm)
+    if problems:  # a mutation the graph cannot express per node: fusing around it could be wrong
+        for node, reason in problems:
+            report.left.append(Refusal(_join(prefix, module_path(node)), f"{reason}: this graph is left unfused"))
+        return gm
     consts = fold_constants(gm)
     an = analyze(gm, consts)
     modules = dict(gm.named_modules())
     removable_setitems: set[fx.Node] = set()
     taken: set[str] = set(modules)
     renames: list[tuple[fx.Node, str]] = []
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes_in_order = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes_in_order)}
     # a region's root may itself be an earlier region's output (conv+BN feeding several branches):
     # read the replacement, never the original node (it would stay alive, its BN-and-pad border
     # fills already erased)
@@ -31,9 +43,9 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         v = an.values[node]
         # F.conv2d(x, f(params)): bake it (a lone crop / pool / pad stays what it is)
         computed_weight = (node.op == "call_function" and node in v.sources
-                           and node.target in CONV_FUNCTIONS | LINEAR_FUNCTIONS)
-        if v.root is node or (v.sources <= {node} and not v.root_fixes and not computed_weight):
-            _report_left(an, node, report, prefix)
+                           and node.target in CONV_FUNCTIONS + LINEAR_FUNCTIONS)
+        if v.root is node or (len(v.sources) < 2 and not v.root_fixes and not computed_weight):
+            _report_left(an, node, v, report, prefix)
             continue
         region = Region(node, v)
         region.ops = [_op_name(n, modules) for n in _ordered(gm, v.sources)]
@@ -43,23 +55,27 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
         region.params_after = sum(p.numel() for p in new_mod.parameters())
         region.target = _unique(_block_of(v.sources, modules), taken)
+        region.module_path = _join(prefix, region.target)
+        region.term_source = functools.partial(_branch_terms, v, prefix, modules, nodes_in_order)
         gm.add_submodule(region.target, new_mod)
         for fix in v.root_fixes:
             fix(gm)
         # computed where the region's first op ran: an in-place op on the root after that point
         # (a later ReLU(inplace=True)) must not leak into the fused conv's input
         first = min(v.sources, key=order.__getitem__)
+        root = replaced.get(v.root, v.root)
         with gm.graph.inserting_before(first):
-            new = gm.graph.call_module(region.target, (replaced.get(v.root, v.root),))
+            new = gm.graph.call_module(region.target, (root,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
         for fill in [u for u in node.users if u in v.extra and u.target is operator.setitem]:
             gm.graph.erase_node(fill)  # border fills already folded into the new conv's padding
+        _redirect_metadata(node, v, new, root)
         node.replace_all_uses_with(new)
         replaced[node] = new
         removable_setitems |= {n for n in v.extra if n.op == "call_function" and n.target is operator.setitem}
         report.regions.append(region)
-    for node, reason in an.refusals.items():
+    for node, reason in (an.refusals | an.cost_cuts).items():
         report.left.append(Refusal(_join(prefix, module_path(node)), reason))
     _dce(gm, removable_setitems)
     # remember which original node each new one replaces, so divergence reports line up
@@ -70,10 +86,75 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     return gm
 
 
-def _report_left(an: Analysis, node: fx.Node, report: FuseReport, prefix: str) -> None:
+def _redirect_metadata(out: fx.Node, v: Affine, new: fx.Node, root: fx.Node) -> None:
+    """Shape reads of nodes the region absorbed now read the fused output or the root (same shape)."""
+    inside = v.sources | v.extra
+    for s in inside - {out}:
+        for u in list(s.users):
+            if u in inside or not is_metadata_use(u, s):
+                continue
+            stand_in = metadata_stand_in(u, s, out, v.root)
+            if stand_in is not None:
+                u.replace_input_with(s, new if stand_in is out else root)
+
+
+def _branch_terms(v: Affine, prefix: str, modules: dict[str, nn.Module], order: list[fx.Node]) -> list[BranchTerm]:
+    """The region's kernel split by original branch, each aligned to the fused kernel's geometry."""
+    if not v.terms:
+        return []
+    final = v.kernel
+    out = []
+    for t in v.terms:
+        k = t.kernel
+        if isinstance(final, ConvKernel):
+            if not isinstance(k, ConvKernel):
+                return []
+            try:
+                k = A.align([k, final])[0]
+            except FusionRefused:
+                return []
+        if k.weight.shape != final.weight.shape:
+            return []
+        nodes = [n for n in order if n in t.nodes and n is not v.root]
+        # functional ops at the top level have no module: they do not name a branch
+        paths = list(dict.fromkeys(p for p in (module_path(n) for n in nodes) if p not in {n.name for n in nodes}))
+        paths = paths or [n.name for n in nodes]
+        label = (_common_path(paths) or "+".join(paths)) if nodes else "identity"
+        out.append(BranchTerm(_join(prefix, label), [_op_name(n, modules) for n in nodes],
+                              None if t.shift_only else k.weight, k.bias))
+    return out
+
+
+def _common_path(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _report_left(an: Analysis, node: fx.Node, v: Affine, report: FuseReport, prefix: str) -> None:
+    """A lone linear op that stays as it is (a BatchNorm between non-linear ops, an unabsorbed norm
+    affine): the report says why."""
+    if not (_is_batch_norm(node, an.modules) or v.root_fixes):
+        return  # a lone conv / linear / pool is already what fusion produces
     reason = an.blocked.get(node)
-    if reason and node.op in ("call_module", "call_function"):
-        report.left.append(Refusal(_join(prefix, module_path(node)), reason))
+    if reason is None and not v.root_fixes:
+        if v.root in an.forced and v.root.op != "placeholder":
+            reason = "its input is also read elsewhere: folding it into the layer before would compute that twice"
+        else:
+            reason = "no conv / linear next to it to fold into (its neighbours are not linear)"
+    elif reason is None:
+        reason = "the normalization's affine has no conv / linear after it to fold into"
+    report.left.append(Refusal(_join(prefix, module_path(node)), reason))
+
+
+def _is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm)
+    return node.op == "call_function" and "batch_norm" in getattr(node.target, "__name__", str(node.target))
 
 
 def _dce(gm: fx.GraphModule, removable_setitems: set[fx.Node]) -> None:

@@ -73,7 +73,8 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
                                    if t.is_floating_point() else t for t in inputs) for _ in range(2)]
         checks += [as_tuple(s) for s in samples]
         with eval_mode(model):
-            result = verification.verify(model, fused, checks, rtol=rtol, atol=atol)
+            result = verification.verify(model, fused, checks, rtol=rtol, atol=atol,
+                                         float64_reference=lambda: _float64_copy(model, inputs, report))
             if not result.ok:
                 result.first_divergence = first_divergence(model, fused, inputs, rtol, atol)
         report.verification = result
@@ -81,6 +82,21 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
             raise VerificationError(result)
     return fused, report
 
+
+
+def _float64_copy(model: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport) -> nn.Module | None:
+    """The original in float64: the reference the fused model is measured against (see
+    repconv/verification.py). None (compare with the original itself) where it cannot run so."""
+    if not any(t.is_floating_point() for t in inputs):
+        return None
+    try:
+        ref = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            ref(*(t.double() if t.is_floating_point() else t for t in inputs))
+        return ref
+    except Exception as e:  # custom ops without float64 kernels, dtype-pinned code
+        report.notes.append(f"verified against the original in its own dtype (no float64 copy: {first_line(e)})")
+        return None
 
 
 # --------------------------------------------------------------------------- the pass
