@@ -45,10 +45,8 @@ def _timed(fn) -> float:  # noqa: ANN001
 
 
 def measure(case: C.Case, reps: int) -> dict:
-    torch.manual_seed(0)
-    model = H.prepare(case.build().to(case.dtype), case.input_shape, 0)
-    x = H._random_inputs([case.input_shape], torch.Generator().manual_seed(100), case.dtype)
-    source = C.to_torchscript(model, case.name.rpartition("-")[2], x[0]) if case.library == "torchscript" else model
+    model, x = H.build(case)
+    source = H.source_for(case, model, x)
     row: dict = {"case": case}
     try:
         fused, report = fuse_with_report(source, x, verify=False)
@@ -56,7 +54,7 @@ def measure(case: C.Case, reps: int) -> dict:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
         return row
     row["report"] = report
-    row["judgement"] = H.judge(model, fused, case.anchor, x)
+    row["judgement"] = H.judge(model, fused, case, x)
     try:
         fuse_with_report(source, x)
         row["verified"] = "ok"

@@ -343,7 +343,7 @@ def test_replaced_module_keeps_attributes_and_untaken_branch_is_reported() -> No
     assert fused.mixer.resolution == 4 and isinstance(fused.mixer, torch.fx.GraphModule)
     assert copy.deepcopy(fused).mixer.resolution == 4
     assert type(fused.rare) is ConvBN and _bns(fused) == 1  # kept as it is, BN and all
-    assert "rare: never called by the example inputs: kept as it is" in report.untraced
+    assert "rare: never called by the example inputs: kept as it is" in report.notes
     _check_outputs(model, fused, (1, 3, 16, 16))
 
 

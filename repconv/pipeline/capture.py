@@ -164,7 +164,7 @@ class Recording:
                     or (parent and _is_torch_layer(self.modules[self._ids[parent]]))):
                 continue
             cap.unused_reported.add(mid)
-            cap.report.untraced.append(f"{_join(prefix, path)}: never called by the example inputs: kept as it is")
+            cap.report.notes.append(f"{_join(prefix, path)}: never called by the example inputs: kept as it is")
 
 
 def record(module: nn.Module, calls: list[Call]) -> Recording:
@@ -219,10 +219,32 @@ class _CallTracer(RepTracer):
     def __init__(self, call: Call | None = None):  # no call: a plain tracer (GraphModule unpickling)
         super().__init__()
         self.call = call
+        self._names: dict[int, str] | None = None
+
+    # fx finds a parameter's or buffer's name by scanning the whole root on each use: quadratic in model
+    # size (25 s of 27 for timm's ghostnetv3_050); one table does the same
+    def create_arg(self, a: Any) -> Any:
+        if self._names is not None and isinstance(a, torch.Tensor) and id(a) in self._names:
+            return self.create_node("get_attr", self._names[id(a)], (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._names is None or not isinstance(attr_val, torch.Tensor):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = self._names.get(id(attr_val))
+        if name is None or (not isinstance(attr_val, nn.Parameter) and not self.proxy_buffer_attributes):
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> tuple:
         if self.call is None:
             return super().create_args_for_root(root_fn, is_module, concrete_args)
+        names: dict[int, str] = {}
+        for n, t in [*self.root.named_buffers(), *self.root.named_parameters()]:
+            names.setdefault(id(t), n)
+        self._names = names
         sig = inspect.signature(inspect.unwrap(root_fn))
         params = list(sig.parameters.values())
         if not is_module or not params:

@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ class Case:
     # float64 where the output passes through top-k selection: fp32 rounding noise (the library's own
     # converter's too) reorders near-tied queries, which no tolerance absorbs
     dtype: torch.dtype = torch.float32
+    # the outputs the library's converter promises to keep (ultralytics: the decoded predictions)
+    anchor_outputs: Callable[[Any], Any] = lambda out: out
 
     @property
     def id(self) -> str:
@@ -93,8 +96,12 @@ def _yolo_anchor(model: nn.Module) -> nn.Module:
 
 def ultralytics_cases() -> list[Case]:
     return [Case(c.removesuffix(".yaml"), "ultralytics", _yolo_build(c), (1, 3, 64, 64), _yolo_anchor,
-                 "BaseModel.fuse()", torch.float64 if c.startswith("rtdetr") else torch.float32)
+                 "BaseModel.fuse()", torch.float64 if c.startswith("rtdetr") else torch.float32, _predictions)
             for c in ULTRALYTICS_MODELS]
+
+
+def _predictions(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -148,5 +155,11 @@ def to_torchscript(model: nn.Module, how: str, example: torch.Tensor) -> torch.j
         return torch.jit.trace(model, example) if how == "trace" else torch.jit.script(model)
 
 
+def library_cases() -> list[Case]:
+    return timm_cases() + ultralytics_cases() + torchvision_cases()
+
+
 def all_cases() -> list[Case]:
-    return timm_cases() + ultralytics_cases() + torchvision_cases() + torchscript_cases()
+    """The library cases and TorchScript files of some (the benchmark's rows; the tests run the
+    TorchScript ones through the ``repconv fuse`` CLI: ``test_capture_real.py``)."""
+    return library_cases() + torchscript_cases()
