@@ -275,3 +275,73 @@ def test_verification_measures_from_float64_and_allows_the_originals_own_error()
     with torch.no_grad():
         fused.get_submodule(report.regions[0].module_path).bias[0] += 1e-3
     assert not repconv.verify(model, fused, x, float64_reference=copy.deepcopy(model).double()).ok
+
+
+def test_scales_and_shifts_alone_never_become_a_conv() -> None:
+    """LeViT with one token per head: ``q @ k * scale + bias`` is a per-channel affine of an opaque
+    matmul; with nothing to fold into it stays as written (no new depthwise conv)."""
+
+    class ScaledScores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(8, 1, 1))
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return (q @ k * 0.25 + self.bias).softmax(-1)
+
+    model = ScaledScores().eval()
+    fused, report = fuse_with_report(model, (torch.randn(2, 8, 1, 16), torch.randn(2, 8, 16, 1)))
+    assert not report.regions and count(fused, (nn.Conv2d, nn.Linear)) == 0
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: permute to channels-last, F.layer_norm, permute back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def test_layernorm2d_affine_folds_into_the_following_1x1_conv() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.proj = LayerNorm2d(8), nn.Conv2d(8, 12, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.norm(x))
+
+    model = Block().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 8, 5, 5)
+    fused, report = fuse_with_report(model, x)
+    assert not report.left and count(fused, nn.Conv2d) == 1
+    norms = [n for n in fused.graph.nodes if n.target is F.layer_norm]
+    assert len(norms) == 1 and norms[0].kwargs.get("weight", norms[0].args[2:3]) is None
+    with torch.no_grad():
+        x2 = torch.randn(2, 8, 5, 5)
+        assert rel_err(fused(x2), model(x2)) < 1e-5
+
+
+def test_asymmetric_zero_padding_stays_an_explicit_pad_before_one_conv() -> None:
+    """TF-style 'same' padding of a stride-2 conv: pad (0, 1, 0, 1), conv, BN -> pad + one conv."""
+
+    class TFSame(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 8, 3, 2, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(F.pad(x, (0, 1, 0, 1))))
+
+    model = randomize_bn_(TFSame(), 0).eval()
+    x = torch.randn(2, 4, 10, 10)
+    fused, report = fuse_with_report(model, x)
+    assert count(fused, nn.Conv2d) == 1 and count(fused, nn.BatchNorm2d) == 0 and not report.left
+    pads = [n.args[1] for n in fused.graph.nodes if n.target is F.pad]
+    assert pads == [[0, 1, 0, 1]]
+    with torch.no_grad():
+        x2 = torch.randn(2, 4, 11, 9)  # other sizes too: the pad is explicit, not baked into a kernel
+        assert rel_err(fused(x2), model(x2)) < 1e-5

@@ -352,13 +352,33 @@ def avg_pool(channels: int, kernel_size: int | Pair, stride: int | Pair | None =
 
 # --------------------------------------------------------------------------- sequential composition
 
-def _matmul_grouped(a: Tensor, b: Tensor, groups: int) -> Tensor:
-    """Block-diagonal channel matrices: a (O, M/g), b (M, I/g) -> (O, I/g)."""
-    o, mg = a.shape
-    m, ig = b.shape
-    a = a.reshape(groups, o // groups, mg)
-    b = b.reshape(groups, m // groups, ig)
-    return torch.bmm(a, b).reshape(o, ig)
+def _grouped_product(b: Tensor, gb: int, a: Tensor, ga: int) -> tuple[Tensor, int]:
+    """``B @ A`` for block-diagonal channel maps in their grouped storage, per tap pair.
+
+    ``b`` is (O, M/gb, tb) with gb groups, ``a`` (M, I/ga, ta) with ga groups; the product has
+    g = gcd(ga, gb) groups and is returned as (O, I/g, tb * ta) with g. The mid channels are split
+    into the lcm(ga, gb) chunks that lie in one group of each, so no operand is densified: a dense
+    1x1 then a depthwise KxK costs O·I·K² here, not O²·I·K².
+    """
+    o, mb, tb = b.shape
+    m, ia, ta = a.shape
+    g, lcm = math.gcd(ga, gb), ga * gb // math.gcd(ga, gb)
+    chunk = m // lcm
+    bc = b.reshape(gb, o // gb, lcm // gb, chunk, tb).permute(0, 2, 1, 3, 4).reshape(lcm, o // gb, chunk, tb)
+    ac = a.reshape(lcm, chunk, ia, ta)
+    prod = torch.einsum("lomt,lmis->loits", bc, ac).reshape(lcm, o // gb, ia, tb * ta)
+    # chunk l lies in g-group l // (lcm/g), in b-group l // (lcm/gb) and in a-group l // (lcm/ga)
+    l_idx = torch.arange(lcm)
+    k, jb, ja = l_idx // (lcm // g), (l_idx // (lcm // gb)) % (gb // g), (l_idx // (lcm // ga)) % (ga // g)
+    out = prod.new_zeros(g, gb // g, ga // g, o // gb, ia, tb * ta)
+    out.index_put_((k, jb, ja), prod, accumulate=True)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(o, (ga // g) * ia, tb * ta), g
+
+
+def _grouped_bias(b_sum: Tensor, gb: int, bias: Tensor) -> Tensor:
+    """Grouped channel map (O, M/gb) applied to a vector of M."""
+    o, mb = b_sum.shape
+    return torch.einsum("gom,gm->go", b_sum.reshape(gb, o // gb, mb), bias.reshape(gb, mb)).reshape(o)
 
 
 def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
@@ -377,18 +397,16 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     cropped = _compose_crop(first, second)
     if cropped is not None:
         return cropped
-    g = math.gcd(first.geom.groups, second.geom.groups)
-    a, b = to_groups(first, g), to_groups(second, g)
+    a, b = first, second
+    ga, gb = a.geom.groups, b.geom.groups
     if b.is_pointwise and b.geom.padding == (0, 0):
-        w2 = b.weight[:, :, 0, 0]  # (O, M/g)
-        o, ig = b.out_channels, a.weight.shape[1]
-        kw = _matmul_grouped(w2, a.weight.reshape(a.out_channels, -1), g)
-        w = kw.reshape(o, ig, *a.kernel_size)
-        bias = _matmul_grouped(w2, a.bias.reshape(-1, 1), g).reshape(-1) + b.bias
-        return ConvKernel(w, bias, a.geom)
+        w, g = _grouped_product(b.weight.reshape(b.out_channels, -1, 1), gb,
+                                a.weight.reshape(a.out_channels, a.weight.shape[1], -1), ga)
+        bias = _grouped_bias(b.weight[:, :, 0, 0], gb, a.bias) + b.bias
+        return ConvKernel(w.reshape(b.out_channels, -1, *a.kernel_size), bias, replace(a.geom, groups=g))
     if a.is_pointwise:
         a_pad, b_pad = any(a.geom.padding), any(b.geom.padding)
-        modes = {g.padding_mode for g, p in ((a.geom, a_pad), (b.geom, b_pad)) if p}
+        modes = {geo.padding_mode for geo, p in ((a.geom, a_pad), (b.geom, b_pad)) if p}
         if a_pad and b_pad and modes != {"zeros"}:
             raise FusionRefused(f"{'/'.join(sorted(modes))} padding on both sides of a channel mix")
         # reflect / replicate / circular padding commutes with a per-pixel channel map (bias included)
@@ -396,16 +414,13 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
         if b_pad and mode == "zeros" and bool((a.bias != 0).any()):
             raise FusionRefused("a per-pixel map with a bias (e.g. BN) before a zero-padded conv: the padded "
                                 "border would see 0 instead of the bias (fold it into a preceding conv instead)")
-        w1 = a.weight[:, :, 0, 0]  # (M, I/g)
-        o, mg = b.weight.shape[:2]
         kh, kw = b.kernel_size
-        # W[o, i, y, x] = sum_m W2[o, m, y, x] * W1[m, i]
-        w2 = b.weight.permute(2, 3, 0, 1).reshape(kh * kw, o, mg)
-        w = torch.stack([_matmul_grouped(w2[t], w1, g) for t in range(kh * kw)])
-        w = w.reshape(kh, kw, o, -1).permute(2, 3, 0, 1).contiguous()
-        bias = b.bias + _matmul_grouped(b.weight.sum((2, 3)), a.bias.reshape(-1, 1), g).reshape(-1)
+        w, g = _grouped_product(b.weight.reshape(b.out_channels, b.weight.shape[1], -1), gb,
+                                a.weight.reshape(a.out_channels, -1, 1), ga)
+        bias = b.bias + _grouped_bias(b.weight.sum((2, 3)), gb, a.bias)
         pad = (a.geom.padding[0] + b.geom.padding[0], a.geom.padding[1] + b.geom.padding[1])
-        return ConvKernel(w, bias, replace(b.geom, padding=pad, groups=g, padding_mode=mode))
+        return ConvKernel(w.reshape(b.out_channels, -1, kh, kw), bias,
+                          replace(b.geom, padding=pad, groups=g, padding_mode=mode))
     raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
                         f"{second.kernel_size} conv exactly")
 

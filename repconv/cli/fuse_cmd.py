@@ -26,6 +26,7 @@ from .common import (
     load_model_or_exit,
     model_options,
 )
+from .quantize_cmd import calib_options, quant_inspect
 
 
 @contextlib.contextmanager
@@ -131,14 +132,31 @@ def fuse_command(model: str, weights: str | None, allow_pickle: bool, input_shap
 
 @click.command("inspect")
 @model_options
-def inspect_command(model: str, weights: str | None, allow_pickle: bool, input_shape: str | None) -> None:
+@click.option("--quant", is_flag=True, help="Also rank the fused layers by INT8 quantization risk (per channel, "
+              "with the original branch behind each outlier).")
+@calib_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write what inspect found (and the --quant analysis) as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="With --quant: a PNG of the riskiest layers' per-channel ranges (needs matplotlib).")
+def inspect_command(model: str, weights: str | None, allow_pickle: bool, input_shape: str | None, quant: bool,
+                    calib: str | None, calib_random: int | None, mean: str | None, std: str | None,
+                    report_path: str | None, plot_path: str | None) -> None:
     """List the re-parameterizable structure found in MODEL; changes nothing."""
+    if (plot_path or calib or calib_random is not None) and not quant:
+        raise UsageFailure("--plot, --calib and --calib-random go with --quant")
     module = load_model_or_exit(model, weights, allow_pickle)
     shape, inferred = input_shape_or_exit(module, input_shape)
     if inferred:
         console.print(f"input shape {tuple(shape)} inferred from the first layer")
     try:
-        _, report = fuse_with_report(module, torch.randn(shape), verify=False)
+        fused, report = fuse_with_report(module, torch.randn(shape), verify=False)
     except FuseInputError as e:
         raise UsageFailure(str(e)) from None
     print_report(report, f"re-parameterizable structure in {model}")
+    risk = quant_inspect(fused, report, shape, calib, calib_random, mean, std, plot_path, model) if quant else None
+    if report_path:
+        with atomic_output(report_path, protect=(model,)) as tmp:
+            data = {"model": model, **report.to_dict(), **({"quant": risk.to_dict()} if risk else {})}
+            tmp.write_text(json.dumps(data, indent=2))
+        console.print(f"wrote {report_path}")

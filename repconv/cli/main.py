@@ -13,6 +13,8 @@ _COMMANDS = [
     ("repconv.cli.fuse_cmd", "fuse_command"),
     ("repconv.cli.fuse_cmd", "inspect_command"),
     ("repconv.cli.export_cmd", "export_command"),
+    ("repconv.cli.quantize_cmd", "quantize_command"),
+    ("repconv.cli.compare_cmd", "compare_command"),
     ("repconv.cli.profile_cmd", "profile_command"),
     ("repconv.cli.build_cmd", "build_native_command"),
 ]

@@ -26,19 +26,35 @@ class DifferentRoots(FusionRefused):
     """A merge of tensors that come from different inputs (a residual add): not a linear region."""
 
 
+
 Kernel = ConvKernel | LinearKernel
 
 
-@dataclass(frozen=True)
 class Term:
     """One original branch's share of a value: the value's kernel is the sum of its terms' kernels
     (each in the geometry its branch had; aligned to the result when a region is built). ``nodes``
     are the branch's ops, for naming it; a shift applied after branches met is a term of its own
-    with a zero weight."""
+    with a zero weight (``shift_only``).
 
-    nodes: frozenset[fx.Node]
-    kernel: Kernel
-    shift_only: bool = False  # the weight is zero: a shift applied after the branches met
+    A term's kernel is computed on first use (``make``): most values never become a region, and the
+    branches of those that do are only asked for by quantization analysis."""
+
+    __slots__ = ("nodes", "shift_only", "_kernel", "_make")
+
+    def __init__(self, nodes: frozenset[fx.Node], kernel: Kernel | None = None,
+                 make: Callable[[], Kernel] | None = None, shift_only: bool = False):
+        self.nodes, self.shift_only, self._kernel, self._make = nodes, shift_only, kernel, make
+
+    @property
+    def kernel(self) -> Kernel:
+        """Raises FusionRefused when this branch alone cannot be expressed (the sum could)."""
+        if self._kernel is None:
+            self._kernel, self._make = self._make(), None
+        return self._kernel
+
+    def then(self, f: Callable[[Kernel], Kernel], nodes: frozenset[fx.Node] | None = None) -> Term:
+        """This term with ``f`` applied to its kernel, lazily."""
+        return Term(self.nodes if nodes is None else nodes, make=lambda: f(self.kernel), shift_only=self.shift_only)
 
 
 def _without_bias(k: Kernel) -> Kernel:
@@ -83,6 +99,13 @@ class Affine:
     # first op of a chain of leading-dim reshapes (flatten(0, 1) around BatchNorm1d) that has not
     # returned to the root's leading shape: the region may not end there
     view_start: fx.Node | None = None
+    # the kernel reads ``root.permute(*root_perm)``: a channels-last map (timm's LayerNorm2d affine)
+    # turned into a conv over dim 1 by ``permute(0, 3, 1, 2)``
+    root_perm: tuple[int, ...] | None = None
+    # the kernel reads ``F.pad(root, pre_pad)``: an asymmetric zero padding (left, right, top,
+    # bottom) before a conv, as TF-style "same" padding writes it; one conv has one symmetric padding,
+    # so the fused form is that explicit pad and one conv
+    pre_pad: tuple[int, int, int, int] | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -143,12 +166,12 @@ class Affine:
             return (Term(self.terms[0].nodes | {node}, kernel),)
         if op is None or compose is None:
             return None
-        try:  # each branch through the op's linear part; its bias is a term of its own
-            out = tuple(Term(t.nodes, compose(t.kernel, _without_bias(op)), t.shift_only) for t in self.terms)
-        except FusionRefused:
-            return None
+        # each branch through the op's linear part; its bias is a term of its own
+        linear = _without_bias(op)
+        out = tuple(t.then(lambda k: compose(k, linear)) for t in self.terms)
         if bool((op.bias != 0).any()):
-            out += (Term(frozenset({node}), _zero_weight(out[0].kernel, op.bias), shift_only=True),)
+            first = out[0]
+            out += (Term(frozenset({node}), make=lambda: _zero_weight(first.kernel, op.bias), shift_only=True),)
         return out
 
     def own_terms(self) -> tuple[Term, ...] | None:
@@ -280,9 +303,9 @@ def _scaled(k: Kernel, s: float) -> Kernel:
 
 def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affine:
     """A weighted sum of branches on one root (signs are the weights: ``a - b``, ``add(alpha=)``, mean)."""
-    roots = {v.root for v in values}
+    roots = {(v.root, v.root_perm, v.pre_pad) for v in values}
     if len(roots) != 1:
-        raise DifferentRoots("branches start from different tensors")
+        raise DifferentRoots("branches start from different tensors (or differently padded)")
     for v in values:
         _check_exact(v)
     if _conv_mode(values, values[0].rank == 4):
@@ -295,13 +318,13 @@ def through_add(node: fx.Node, values: list[Affine], signs: list[float]) -> Affi
                               sum(s * k.bias for k, s in zip(ls, signs, strict=True)))
     parts = [v.own_terms() for v in values]
     terms = None if any(p is None for p in parts) else tuple(
-        Term(t.nodes, _scaled(t.kernel, s), t.shift_only) for p, s in zip(parts, signs, strict=True) for t in p)
+        t if s == 1 else t.then(lambda k, s=s: _scaled(k, s)) for p, s in zip(parts, signs, strict=True) for t in p)
     return _merged(node, values, kernel, _grows(kernel, values), terms)
 
 
 def through_concat(node: fx.Node, values: list[Affine], dim: int) -> Affine:
     """torch.cat of branches: along dim 1 of images (conv) or along the last dim (linear)."""
-    roots = {v.root for v in values}
+    roots = {(v.root, v.root_perm, v.pre_pad) for v in values}
     if len(roots) != 1:
         raise DifferentRoots("concatenated branches start from different tensors")
     for v in values:
@@ -357,7 +380,7 @@ def through_pad(node: fx.Node, v: Affine, pads: tuple[int, int], mode: str = "ze
         return ConvKernel(t.weight, t.bias, replace(t.geom, padding=(t.geom.padding[0] + ph, t.geom.padding[1] + pw),
                                                        padding_mode=mode))
 
-    terms = None if v.terms is None else tuple(Term(t.nodes, padded(t.kernel), t.shift_only) for t in v.own_terms())
+    terms = None if v.terms is None else tuple(t.then(padded) for t in v.own_terms())
     debt: frozenset[str] = frozenset()
     if mode == "zeros" and bool((k.bias != 0).any()):
         debt = frozenset(s for s, p in (("top", ph), ("bottom", ph), ("left", pw), ("right", pw)) if p)
@@ -396,3 +419,31 @@ def through_view(node: fx.Node, v: Affine, out_shape: tuple[int, ...]) -> Affine
     back = out_shape[:-1] == root_shape[:-1]
     start = None if back else (v.view_start or node.args[0])
     return replace(v, rank=len(out_shape), extra=v.extra | {node}, view_start=start)
+
+
+def through_permute(node: fx.Node, v: Affine, dims: tuple[int, ...]) -> Affine:
+    """``y.permute(0, 3, 1, 2)`` of a channels-last feature map: the map becomes a 1x1 conv of the
+    permuted root (LayerNorm2d's affine can then fold into the next conv)."""
+    if not isinstance(v.kernel, LinearKernel) or v.rank != 4 or tuple(dims) != (0, 3, 1, 2) or v.root_perm:
+        raise FusionRefused("permute of a value other than a channels-last feature map")
+    _check_exact(v)
+    k = v.kernel
+    conv = ConvKernel(k.weight[:, :, None, None].contiguous(), k.bias.clone(), A.ConvGeometry())
+    terms = None if v.terms is None else tuple(
+        t.then(lambda lk: ConvKernel(lk.weight[:, :, None, None], lk.bias, A.ConvGeometry())) for t in v.own_terms())
+    return replace(v, kernel=conv, root_perm=(0, 3, 1, 2), extra=v.extra | {node}, channels=conv.out_channels,
+                   terms=terms)
+
+
+def through_asymmetric_pad(node: fx.Node, v: Affine, pads: tuple[int, int, int, int]) -> Affine:
+    """Zero padding with different amounts on two sides, of the root or of a bias-free per-pixel map
+    of it (zero maps to zero, so padding first is the same): kept as an explicit pad of the root."""
+    _check_exact(v)
+    if not v.is_conv or v.root_perm:
+        raise FusionRefused("asymmetric padding of a non-image value")
+    k = v.conv()
+    if not k.is_pointwise or any(k.geom.padding) or bool((k.bias != 0).any()):
+        raise FusionRefused("asymmetric padding after a spatial or biased op: one conv pads symmetrically")
+    total = pads if v.pre_pad is None else tuple(a + b for a, b in zip(v.pre_pad, pads, strict=True))
+    terms = () if v.is_identity else v.terms
+    return replace(v, kernel=k, pre_pad=total, sources=v.sources | {node}, terms=terms)

@@ -146,6 +146,7 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
     cuts: dict[fx.Node, str] = {}
     for _ in range(max_rounds):
         an = Analysis(gm, consts, forced | last_invalid).run()
+        cuts.update(an.cost_cuts)
         an.cost_cuts = cuts
         new = set(forced) | (an.invalidated & seen_invalid)
         seen_invalid |= an.invalidated
@@ -160,6 +161,10 @@ def analyze(gm: fx.GraphModule, consts: dict[fx.Node, Any], max_rounds: int = 20
             v = an.values[node]
             if v.view_start is not None:  # leading dims not back to the root's: end before the reshapes
                 new.add(v.view_start)
+            if v.root_perm is not None and node in v.extra:
+                # the region would end on the permute itself: permuting the (wider) root first buys
+                # nothing, so it ends before it
+                new.add(node.args[0])
             fused_macs, parts = region_macs(an, node), original_macs(an, v.sources)
             if v.expensive and fused_macs > parts:
                 # cut before each composition / merge that grew the kernel: its inputs become roots

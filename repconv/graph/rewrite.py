@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from repconv import algebra as A
@@ -30,6 +31,7 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
     consts = fold_constants(gm)
     an = analyze(gm, consts)
     modules = dict(gm.named_modules())
+    named_params = dict(gm.named_parameters())
     removable_setitems: set[fx.Node] = set()
     taken: set[str] = set(modules)
     renames: list[tuple[fx.Node, str]] = []
@@ -44,13 +46,16 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         # F.conv2d(x, f(params)): bake it (a lone crop / pool / pad stays what it is)
         computed_weight = (node.op == "call_function" and node in v.sources
                            and node.target in CONV_FUNCTIONS + LINEAR_FUNCTIONS)
-        if v.root is node or (len(v.sources) < 2 and not v.root_fixes and not computed_weight):
+        if v.root is node or (len(v.sources) < 2 and not v.root_fixes and not computed_weight) \
+                or not any(_weighted(n, modules) for n in v.sources):
+            # one op, or only per-channel scales and shifts (a BN, ``x * s + b``): already as cheap
+            # as one conv would be, and a dense one where they act on features
             _report_left(an, node, v, report, prefix)
             continue
         region = Region(node, v)
         region.ops = [_op_name(n, modules) for n in _ordered(gm, v.sources)]
         region.block = _join(prefix, _block_of(v.sources, modules))
-        region.params_before = _params_of(v.sources, modules, consts)
+        region.params_before = _params_of(v.sources, modules, consts, named_params)
         dtype, device = _dtype_device(node, v.sources, modules, consts)
         new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
         region.params_after = sum(p.numel() for p in new_mod.parameters())
@@ -65,7 +70,10 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         first = min(v.sources, key=order.__getitem__)
         root = replaced.get(v.root, v.root)
         with gm.graph.inserting_before(first):
-            new = gm.graph.call_module(region.target, (root,))
+            read = gm.graph.call_method("permute", (root, *v.root_perm)) if v.root_perm else root
+            if v.pre_pad:  # an asymmetric zero padding stays an explicit pad before the one conv
+                read = gm.graph.call_function(F.pad, (read, list(v.pre_pad)))
+            new = gm.graph.call_module(region.target, (read,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
         for fill in [u for u in node.users if u in v.extra and u.target is operator.setitem]:
@@ -105,14 +113,14 @@ def _branch_terms(v: Affine, prefix: str, modules: dict[str, nn.Module], order: 
     final = v.kernel
     out = []
     for t in v.terms:
-        k = t.kernel
-        if isinstance(final, ConvKernel):
-            if not isinstance(k, ConvKernel):
-                return []
-            try:
+        try:
+            k = t.kernel
+            if isinstance(final, ConvKernel):
+                if not isinstance(k, ConvKernel):
+                    return []
                 k = A.align([k, final])[0]
-            except FusionRefused:
-                return []
+        except FusionRefused:  # this branch alone has no exact form (the sum has)
+            return []
         if k.weight.shape != final.weight.shape:
             return []
         nodes = [n for n in order if n in t.nodes and n is not v.root]
@@ -149,6 +157,17 @@ def _report_left(an: Analysis, node: fx.Node, v: Affine, report: FuseReport, pre
     elif reason is None:
         reason = "the normalization's affine has no conv / linear after it to fold into"
     report.left.append(Refusal(_join(prefix, module_path(node)), reason))
+
+
+_WEIGHTED_MODULES = (nn.Conv2d, nn.Linear, nn.AvgPool2d)
+
+
+def _weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A conv / linear / pooling: an op that costs multiply-adds, which a region replaces."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _WEIGHTED_MODULES)
+    name = getattr(node.target, "__name__", str(node.target))
+    return node.target in CONV_FUNCTIONS + LINEAR_FUNCTIONS or any(k in name for k in ("avg_pool", "matmul", "mm"))
 
 
 def _is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -222,10 +241,10 @@ def _join(prefix: str, path: str) -> str:
     return ".".join(p for p in (prefix, path) if p)
 
 
-def _params_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module], consts: dict[fx.Node, Any]) -> int:
+def _params_of(sources: frozenset[fx.Node], modules: dict[str, nn.Module], consts: dict[fx.Node, Any],
+               named: dict[str, nn.Parameter]) -> int:
     """Parameters the region's ops read: their modules' and those reached through constant folding."""
     params: dict[int, int] = {}
-    named = {name: p for name, p in next(iter(modules.values())).named_parameters()} if modules else {}
     for n in sources:
         if n.op == "call_module":
             params.update({id(p): p.numel() for p in modules[n.target].parameters()})

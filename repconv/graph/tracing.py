@@ -26,6 +26,30 @@ class RepTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _MutableProxy(node, self)
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # fx finds a parameter's name by scanning every named parameter on each access (quadratic:
+        # tens of seconds on GhostNetV3's functional branches); one map by identity instead
+        named = root.named_parameters() if isinstance(root, nn.Module) else ()
+        self._param_names = {id(p): n for n, p in named}
+        self._buffer_names = {id(b): n for n, b in root.named_buffers()} if isinstance(root, nn.Module) else {}
+        return super().trace(root, concrete_args)
+
+    def create_arg(self, a: Any) -> Any:
+        # same lookups by identity for tensors passed as arguments (running_mean into F.batch_norm)
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+            name = self._param_names.get(id(a)) if isinstance(a, nn.Parameter) else self._buffer_names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        name = self._param_names.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; raises whatever fx raises for untraceable code."""

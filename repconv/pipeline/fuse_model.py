@@ -19,6 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from repconv import verification
 from repconv.dynamic import deploy_rewrites
 from repconv.graph import FuseReport, first_divergence, rewrite
+from repconv.graph.leftovers import sweep_leftovers
 from repconv.io import ModelLoadError, infer_input_shape
 from repconv.util import eval_mode, first_line
 from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, Inputs, VerificationError, as_tuple
@@ -65,6 +66,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         # from the user's model while copying only what survived fusion
         fused = copy.deepcopy(_fuse_module(source, inputs, report, "", rtol, atol))
     fused.eval()
+    sweep_leftovers(fused, report)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.params_after = sum(p.numel() for p in fused.parameters())
     if verify:

@@ -111,3 +111,14 @@ def _crop_index(index: Any) -> tuple[int, int] | None:
         else:
             return None
     return (rc[0], rc[1]) if any(rc) else None
+
+
+@transfer(functions=[(torch.permute, ("input", "dims")), aten.permute.default], methods=[("permute", ("*dims",))])
+def permute(op: Op) -> Affine:
+    dims = op.static("dims")
+    if len(dims) == 1 and isinstance(dims[0], list | tuple):  # x.permute([0, 3, 1, 2])
+        dims = dims[0]
+    v = op.tensor()
+    if v.is_identity:
+        raise NotAffine  # a permuted root is a root of its own
+    return V.through_permute(op.node, v, tuple(dims))

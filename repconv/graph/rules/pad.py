@@ -29,7 +29,9 @@ def _pad(op: Op, pad: Any, mode: str, value: Any = 0) -> Affine:
     if len(pad) != 4 or min(pad) < 0:
         raise FusionRefused("padding of other than the two image dims")
     if pad[0] != pad[1] or pad[2] != pad[3]:
-        raise FusionRefused("asymmetric padding: one conv has one symmetric padding")
+        if _MODES[mode] != "zeros":
+            raise FusionRefused(f"asymmetric {mode} padding: one conv pads symmetrically")
+        return V.through_asymmetric_pad(op.node, op.tensor(), pad)
     return V.through_pad(op.node, op.tensor(), (pad[2], pad[0]), _MODES[mode])
 
 
