@@ -149,7 +149,7 @@ class PosBlock(nn.Module):
 
     def __init__(self, c: int):
         super().__init__()
-        self.proj = ConvBN(c, c, 1)
+        self.proj = nn.Conv2d(c, c, 1, bias=False)
         self.bn = nn.BatchNorm2d(c)
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None, pos: torch.Tensor | None = None,
