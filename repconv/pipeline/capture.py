@@ -12,6 +12,11 @@ with the inputs it actually got, and checked on every call it received before it
 original in a shallow copy of the parent. A replacement keeps the plain attributes the parent's code
 may read (ultralytics' ``f`` / ``i``, timm's ``resolution``). A submodule the example never calls
 stays as it is, and the report says so.
+
+No torch.export tier: exporting the untraceable models of the real-library tests (timm, ultralytics,
+RT-DETR) and fusing their aten graphs reached the same aten conv / matmul / batch-norm counts as this
+capture in every case (LeViT kept its BatchNorm1d ops, RT-DETR six more matmuls), for 2-10 s more per
+model, a shape-specialized graph and no module structure left (benchmarks/realworld_fuse.py cases).
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ def fuse_parts(module: nn.Module, calls: list[Call], cap: Capture, prefix: str,
         if new is not sub:
             for p in rec.paths[mid]:
                 _place(shells, p, new)
-    return work
+    return work if len(shells) > 1 or work._modules != module._modules else module
 
 
 # --------------------------------------------------------------------------- recording
