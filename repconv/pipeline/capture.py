@@ -13,10 +13,11 @@ original in a shallow copy of the parent. A replacement keeps the plain attribut
 may read (ultralytics' ``f`` / ``i``, timm's ``resolution``). A submodule the example never calls
 stays as it is, and the report says so.
 
-No torch.export tier: exporting the untraceable models of the real-library tests (timm, ultralytics,
-RT-DETR) and fusing their aten graphs reached the same aten conv / matmul / batch-norm counts as this
-capture in every case (LeViT kept its BatchNorm1d ops, RT-DETR six more matmuls), for 2-10 s more per
-model, a shape-specialized graph and no module structure left (benchmarks/realworld_fuse.py cases).
+No torch.export tier: on the 11 real-library models fx cannot trace (timm efficientvit_m0 and
+tiny_vit, ultralytics YOLOv8/9/10/11/12/26 and RT-DETR), fusing ``torch.export``'s aten graph reached
+exactly the aten conv / matmul / batch-norm counts this capture reaches, for 1.3-5.4 s more per model
+(the export alone takes longer than the whole capture), with a shape-specialized graph and no module
+structure or attributes left.
 """
 
 from __future__ import annotations
