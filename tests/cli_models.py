@@ -32,3 +32,103 @@ def small_repvgg() -> nn.Module:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+class _Raises(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 8:
+            raise ValueError("only 8x8 crops are supported")
+        return self.conv(x)
+
+
+def raises() -> nn.Module:
+    """The user's forward raises its own error for inputs larger than 8x8."""
+    return _Raises().eval()
+
+
+class _Greedy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scratch = torch.empty(1 << 45, dtype=torch.uint8)  # 32 TiB: the allocator refuses at once
+        return self.conv(x) + scratch[:1].float()
+
+
+def greedy() -> nn.Module:
+    """A forward that runs out of memory (a real allocator failure, without using any memory)."""
+    return _Greedy().eval()
+
+
+def mixed_dtype() -> nn.Module:
+    """A float16 conv followed by a float32 BN: one dtype has to be chosen (--dtype)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3).half(), nn.BatchNorm2d(4)).eval()
+
+
+def half_repvgg() -> nn.Module:
+    return small_repvgg().half()
+
+
+class _HeadFirst(nn.Module):
+    """The head is registered before the stem: shape inference must follow execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.stem = nn.Sequential(nn.Conv2d(5, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.stem(x)).mean(dim=(2, 3)))
+
+
+def head_first() -> nn.Module:
+    torch.manual_seed(0)
+    return _HeadFirst().eval()
+
+
+class _Interrupts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise KeyboardInterrupt  # what Ctrl-C does in the middle of a forward
+
+
+def interrupts() -> nn.Module:
+    return _Interrupts().eval()
+
+
+class _Slow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = small_repvgg()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.5)  # fusing runs the forward several times: seconds of work to interrupt
+        return self.block(x)
+
+
+def slow() -> nn.Module:
+    return _Slow().eval()
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + torch.rand_like(x[:, :1])
+
+
+def noisy() -> nn.Module:
+    """Random output: ONNX Runtime cannot agree with PyTorch (a check failure, exit 1)."""
+    return _Noisy().eval()

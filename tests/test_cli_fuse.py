@@ -31,10 +31,12 @@ def test_fuse_factory_with_weights(runner: CliRunner, tmp_path: Path) -> None:
     out, report = tmp_path / "f.pt", tmp_path / "r.json"
     res = runner.invoke(main, ["fuse", FACTORY, "--weights", str(weights), "-o", str(out), "--report", str(report)])
     assert res.exit_code == 0, res.output
-    assert "inferred from the first layer" in res.output and "verification OK" in res.output
+    text = " ".join(res.output.split())
+    assert "input shape 1x3x224x224 inferred from 0.k3.0 (Conv2d, 3 input channels), the first layer the model " \
+        "runs" in text and "verification OK" in text
     data = json.loads(report.read_text())
     assert data["verification"]["ok"] and data["verification"]["max_rel"] < 1e-5
-    assert len(data["regions"]) == 2
+    assert [r["name"] for r in data["regions"]] == ["0", "1"]
     fused = torch.load(out, weights_only=False)
     x = torch.randn(1, 3, 16, 16)
     assert torch.allclose(fused(x), model.eval()(x), rtol=1e-4, atol=1e-5)
@@ -68,21 +70,6 @@ def test_torchscript_input_writes_torchscript(runner: CliRunner, tmp_path: Path)
     assert torch.allclose(fused(x), scripted(x), rtol=1e-4, atol=1e-5)
     kinds = [m.original_name for m in fused.modules()]
     assert kinds.count("Conv2d") == 2 and "BatchNorm2d" not in kinds
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["fuse", "no/such/file.pt"], "no such file"),
-    (["fuse", "tests/cli_models.py"], "not a readable PyTorch file"),
-    (["fuse", "tests.cli_models:missing"], "has no attribute"),
-    (["fuse", "not_a_module_xyz:f"], "cannot import"),
-    (["fuse", FACTORY, "--input-shape", "1,x,3"], "comma-separated"),
-    (["fuse", FACTORY, "--input-shape", "1,5,16,16"], "C=3"),
-])
-def test_bad_input_exit_2(runner: CliRunner, args: list[str], needle: str) -> None:
-    res = runner.invoke(main, args)
-    assert res.exit_code == 2, res.output
-    assert needle in res.output
-    assert "Traceback" not in res.output
 
 
 def test_corrupt_file_and_wrong_weights(runner: CliRunner, tmp_path: Path) -> None:
@@ -130,7 +117,8 @@ def test_inspect_changes_nothing(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_real_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "f.pt"
-    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "fuse", FACTORY, "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "fuse", FACTORY, "--input-shape", "1,3,16,16",
+                           "-o", str(out)],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
@@ -145,3 +133,15 @@ def test_onnx_file_given_to_fuse(runner: CliRunner, tmp_path: Path) -> None:
     onnx_file.write_bytes(b"\x08\x07")
     res = runner.invoke(main, ["fuse", str(onnx_file)])
     assert res.exit_code == 2 and "ONNX file" in res.output
+
+
+def test_tables_fit_80_columns_with_unique_real_names(runner: CliRunner) -> None:
+    # CliRunner's output is not a terminal: rich renders it 80 columns wide, as a narrow terminal would
+    res = runner.invoke(main, ["inspect", "repconv.blocks.models:demo_model", "--input-shape", "1,3,64,64"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert rows == ["stem", "acb", "dbb", "doconv+doconv_bn", "mobileone_dw", "mobileone_pw", "replk", "dbb_dw",
+                    "fc1+fc1_bn"]  # DemoNet's attributes; regions spanning siblings name both
+    assert "…" not in res.output and "(top)" not in res.output

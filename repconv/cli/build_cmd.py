@@ -16,12 +16,13 @@ def build_native_command(force: bool, no_fetch: bool, cxx: str | None, verbose: 
     Headers come from $ORT_INCLUDE_DIR, ./.deps, the system, or are fetched from Debian's
     libonnxruntime-dev (trixie) into ./.deps with a private apt configuration.
     """
-    from repconv.cli.common import CheckFailure, console
+    from repconv.cli.common import UsageFailure, console, step
     from repconv.runtime.build import BuildError, build
 
     try:
-        path = build(force=force, fetch=not no_fetch, cxx=cxx, verbose=verbose)
-    except BuildError as e:
-        raise CheckFailure(str(e)) from None
+        with step("building the native kernel"):
+            path = build(force=force, fetch=not no_fetch, cxx=cxx, verbose=verbose)
+    except BuildError as e:  # missing headers / compiler: the environment, not a numerical check
+        raise UsageFailure(str(e)) from None
     console.print(f"native library: {path}")
     console.print("ONNX Runtime sessions from repconv.runtime.session_options() now use it.")

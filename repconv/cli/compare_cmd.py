@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
@@ -13,11 +12,21 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from repconv.cli.common import CheckFailure, UsageFailure, atomic_output, console, input_shape_or_exit
+from repconv.cli.common import (
+    CheckFailure,
+    FiniteFloat,
+    OutputPlan,
+    UsageFailure,
+    command_help,
+    console,
+    input_shape_or_exit,
+    no_clobber_option,
+    say_wrote,
+)
 from repconv.cli.quantize_cmd import _db, batches_or_exit, load_any, load_calibration, warn_random
 
 
-@click.command("compare")
+@click.command("compare", epilog=command_help())
 @click.argument("reference", metavar="REF")
 @click.argument("candidate", metavar="[CAND]", required=False)
 @click.option("--per-layer", is_flag=True, help="Compare every layer the two models share, not only the outputs.")
@@ -27,10 +36,10 @@ from repconv.cli.quantize_cmd import _db, batches_or_exit, load_any, load_calibr
               help="Compare on N random normal inputs (the default, with N=4, when --inputs is not given).")
 @click.option("--mean", default=None, metavar="M[,M,M]", help="Subtract this from image pixels (in [0, 1]).")
 @click.option("--std", default=None, metavar="S[,S,S]", help="Then divide image pixels by this.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
+@click.option("--rtol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="A layer diverges when max|err| > atol + rtol * max|ref|.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute error floor.")
-@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+@click.option("--atol", type=FiniteFloat(min=0), default=1e-5, show_default=True, help="Absolute error floor.")
+@click.option("--min-sqnr", type=FiniteFloat(), default=None, metavar="DB",
               help="Instead of rtol/atol: a layer diverges when its SQNR falls below DB (e.g. 30 for INT8).")
 @click.option("--sensitivity", is_flag=True,
               help="Quantize each layer of REF alone (ORT static INT8) and report the output SQNR per layer.")
@@ -43,18 +52,30 @@ from repconv.cli.quantize_cmd import _db, batches_or_exit, load_any, load_calibr
               help="Input shape when both models are PyTorch (default: inferred from the first layer).")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow loading full pickled modules (runs code from the files; only for trusted files).")
+@no_clobber_option
 def compare_command(reference: str, candidate: str | None, per_layer: bool, inputs: str | None, random_n: int | None,
                     mean: str | None, std: str | None, rtol: float, atol: float, min_sqnr: float | None,
                     sensitivity: bool, method: str, reduce_range: bool | None, report_path: str | None,
-                    input_shape: str | None, allow_pickle: bool) -> None:
+                    input_shape: str | None, allow_pickle: bool, no_clobber: bool) -> None:
     """Compare CAND against REF: a PyTorch model and an ONNX file, two ONNX files (fp32 vs INT8) or two
     PyTorch models. Exit 1 when the outputs (or, with --per-layer, any layer) exceed the tolerance."""
     if candidate is None and not sensitivity:
         raise UsageFailure("give CAND to compare with, or --sensitivity to rank REF's layers for INT8")
-    if rtol < 0 or atol < 0:
-        raise UsageFailure("--rtol and --atol must be >= 0")
-    if report_path and Path(report_path).is_dir():
-        raise UsageFailure(f"{report_path} is a directory")
+    with OutputPlan(no_clobber=no_clobber, protect=[reference, candidate, inputs], say=say_wrote) as plan:
+        rep = plan.file(report_path, "--report", "json") if report_path else None
+        out = _compare(reference, candidate, per_layer, inputs, random_n, mean, std, rtol, atol, min_sqnr,
+                       sensitivity, method, reduce_range, input_shape, allow_pickle)
+        if out.get("compare") and not out["compare"]["ok"]:  # a finding, not a result to keep: nothing written
+            raise CheckFailure("the candidate exceeds the tolerance" + (
+                f" (first diverging layer: {out['compare']['first_divergence']})" if per_layer else ""))
+        if rep is not None:
+            rep.staged.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+
+
+def _compare(reference: str, candidate: str | None, per_layer: bool, inputs: str | None, random_n: int | None,
+             mean: str | None, std: str | None, rtol: float, atol: float, min_sqnr: float | None,
+             sensitivity: bool, method: str, reduce_range: bool | None, input_shape: str | None,
+             allow_pickle: bool) -> dict[str, Any]:
     ref = load_any(reference, allow_pickle)
     cand = load_any(candidate, allow_pickle) if candidate is not None else None
     shape = _shape(ref, cand, input_shape)
@@ -63,7 +84,6 @@ def compare_command(reference: str, candidate: str | None, per_layer: bool, inpu
         warn_random()
     data = batches_or_exit(samples, shape[0])
     out: dict[str, Any] = {"reference": reference, "candidate": candidate, "inputs": source}
-    failed = False
     if cand is not None:
         from repconv.quant.compare import CompareError, compare_models
         from repconv.quant.ort_quant import QuantizeError
@@ -74,16 +94,9 @@ def compare_command(reference: str, candidate: str | None, per_layer: bool, inpu
             raise UsageFailure(str(e)) from None
         _print_compare(result, reference, candidate, source, per_layer)
         out["compare"] = result.to_dict()
-        failed = not result.ok
     if sensitivity:
         out["sensitivity"] = _sensitivity(ref, reference, data, method, reduce_range, source, shape)
-    if report_path:
-        with atomic_output(report_path, protect=tuple(p for p in (reference, candidate) if p)) as tmp:
-            tmp.write_text(json.dumps(out, indent=2))
-        console.print(f"wrote {escape(report_path)}")
-    if failed:
-        raise CheckFailure("the candidate exceeds the tolerance" + (
-            f" (first diverging layer: {out['compare']['first_divergence']})" if per_layer else ""))
+    return out
 
 
 def _shape(ref: Any, cand: Any, text: str | None) -> tuple[int, ...]:

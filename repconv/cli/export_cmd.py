@@ -13,34 +13,49 @@ from rich.table import Table
 
 from repconv.cli.common import (
     CheckFailure,
+    FiniteFloat,
+    OutputPlan,
+    PositiveInt,
     UsageFailure,
-    atomic_output,
+    command_help,
     console,
-    input_shape_or_exit,
-    load_model_or_exit,
     model_options,
+    no_clobber_option,
+    prepare_model,
+    print_table,
+    say_wrote,
+    step,
 )
 
+OUTPUT_RULE = ("\b\nOutputs (--onnx, --bundle) are checked before any work and written\n"
+               "together at the end, only if the whole command succeeds. An existing\n"
+               "--onnx file is replaced (and the output says so) unless --no-clobber;\n"
+               "an existing bundle only with --force.")
 
-@click.command("export")
+
+@click.command("export", epilog=command_help(OUTPUT_RULE))
 @model_options
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="OUT.onnx",
+@click.option("--onnx", "onnx_path", type=click.Path(), default=None, metavar="OUT.onnx",
               help="Write an ONNX file (checked in ONNX Runtime against PyTorch).")
-@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+@click.option("--bundle", "bundle_dir", type=click.Path(), default=None, metavar="DIR",
               help="Also write a self-contained device benchmark folder (ONNX, native op source, "
                    "benchmark.py, README).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --bundle DIR.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 17).")
+@click.option("--opset", type=PositiveInt, default=None, help="ONNX opset (default 17).")
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic (checked at two batch sizes).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--no-fuse", is_flag=True, help="Export the model as is, without repconv's fusion pass.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance of the ORT check.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance of the ORT check.")
+@click.option("--rtol", type=FiniteFloat(min=0), default=None,
+              help="Relative tolerance of the ORT check (default 1e-4; float16: 8 ulps, 7.8e-3).")
+@click.option("--atol", type=FiniteFloat(min=0), default=1e-5, show_default=True,
+              help="Absolute tolerance of the ORT check.")
+@no_clobber_option
 def export_command(
     model: str,
     weights: str | None,
     allow_pickle: bool,
     input_shape: str | None,
+    dtype: str | None,
     onnx_path: str | None,
     bundle_dir: str | None,
     force: bool,
@@ -48,55 +63,62 @@ def export_command(
     dynamic_batch: bool,
     no_simplify: bool,
     no_fuse: bool,
-    rtol: float,
+    rtol: float | None,
     atol: float,
+    no_clobber: bool,
 ) -> None:
-    """Export MODEL (a saved model file or package.module:factory) for deployment."""
+    """Export MODEL for deployment: fuse, ONNX, onnxsim, ONNX checker, ONNX Runtime vs PyTorch."""
+    from repconv.export.onnx import MAX_OPSET, MIN_OPSET
+
     if onnx_path is None and bundle_dir is None:
         raise UsageFailure("nothing to export: give --onnx OUT.onnx and/or --bundle DIR")
-    if rtol < 0 or atol < 0:
-        raise UsageFailure("--rtol and --atol must be >= 0")
-    module = load_model_or_exit(model, weights, allow_pickle)
-    shape, inferred = input_shape_or_exit(module, input_shape)
-    if inferred:
-        console.print(f"[dim]input shape {_fmt_shape(shape)} inferred from the first layer "
-                      "(pass --input-shape to change)[/dim]")
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    options = dict(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, fuse=not no_fuse,
-                   rtol=rtol, atol=atol)
-    if onnx_path is not None:
-        _write_onnx(module, model, onnx_path, example, **options)
-    if bundle_dir is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            source = onnx_path or str(Path(tmp) / "model.onnx")
-            if onnx_path is None:
-                _write_onnx(module, model, source, example, **options)
-            _write_bundle(source, bundle_dir, model, tuple(example.shape), "original" if no_fuse else "fused", force)
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageFailure(f"--opset {opset} is outside what the exporter supports ({MIN_OPSET}..{MAX_OPSET})")
+    if dtype == "bfloat16":
+        raise UsageFailure(f"--dtype bfloat16 cannot be exported: ONNX Conv takes bfloat16 only from opset 22, "
+                           f"the exporter goes up to {MAX_OPSET}; use float16 or float32")
+    if rtol is None:  # half precision: ORT and PyTorch round differently; 8 ulps as verification allows
+        rtol = 8 * torch.finfo(torch.float16).eps if dtype == "float16" else 1e-4
+    with OutputPlan(no_clobber=no_clobber, protect=[model, weights], say=say_wrote) as plan:
+        onnx_out = plan.file(onnx_path, "--onnx", "onnx") if onnx_path else None
+        bundle_out = plan.directory(bundle_dir, "--bundle", replace=force, what="bundle",
+                                    is_ours=lambda p: (p / "bundle.json").is_file()) if bundle_dir else None
+        module, example = prepare_model(model, weights, allow_pickle, input_shape, dtype)
+        options = dict(opset=opset, dynamic_batch=dynamic_batch, simplify=not no_simplify, fuse=not no_fuse,
+                       rtol=rtol, atol=atol)
+        with tempfile.TemporaryDirectory(prefix="repconv-export-") as tmp:
+            staged = onnx_out.staged if onnx_out is not None else Path(tmp) / "model.onnx"
+            shown = onnx_out.path if onnx_out is not None else Path(bundle_dir or "") / "model.onnx"
+            _write_onnx(module, staged, shown, example, **options)
+            if bundle_out is not None:
+                _write_bundle(staged, bundle_out.staged, bundle_out.path, model, tuple(example.shape),
+                              "original" if no_fuse else "fused")
 
 
-def _write_bundle(onnx_file: str, bundle_dir: str, spec: str, shape: tuple[int, ...], variant: str,
-                  force: bool) -> None:
+def _write_bundle(onnx_file: Path, staged: Path, shown: Path, spec: str, shape: tuple[int, ...],
+                  variant: str) -> None:
     from repconv.profile.bundle import BundleError, write_bundle
 
     try:
-        out = write_bundle(onnx_file, bundle_dir, shape, model_name=spec, variant=variant, overwrite=force)
+        with step(f"writing the bundle {shown}"):
+            write_bundle(onnx_file, staged, shape, model_name=spec, variant=variant, overwrite=True)
     except BundleError as e:
         raise UsageFailure(str(e)) from None
-    console.print(f"bundle {escape(str(out))}: copy it to the device, run "
+    console.print(f"bundle {escape(str(shown))}: copy it to the device, run "
                   "`python3 benchmark.py --json result.json`, then `repconv profile --import result.json`")
 
 
-def _write_onnx(module: Any, spec: str, out: str, example: torch.Tensor, **options: Any) -> None:
+def _write_onnx(module: Any, staged: Path, shown: Path, example: torch.Tensor, **options: Any) -> None:
     from repconv.export.onnx import ExportCheckError, ExportError, export_onnx_with_report
 
     try:
-        with atomic_output(out, protect=(spec,)) as tmp:
-            report = export_onnx_with_report(module, tmp, example, **options)
+        with step("exporting"):
+            report = export_onnx_with_report(module, staged, example, **options)
     except ExportCheckError as e:
         raise CheckFailure(f"{e} - nothing written") from None
     except ExportError as e:
         raise UsageFailure(str(e)) from None
-    _print_report(report, out, example)
+    _print_report(report, str(shown), example)
 
 
 def _fmt_shape(shape: Any) -> str:
@@ -104,7 +126,7 @@ def _fmt_shape(shape: Any) -> str:
 
 
 def _print_report(report: Any, out: str, example: torch.Tensor) -> None:
-    console.print(f"[bold green]exported[/bold green] {out}  (opset {report.opset}, IR {report.ir_version}, "
+    console.print(f"[bold green]exported[/bold green] {escape(out)}  (opset {report.opset}, IR {report.ir_version}, "
                   f"{report.exporter} exporter, input {_fmt_shape(example.shape)}, {report.seconds:.1f} s)")
     if report.fused:
         console.print(f"fused: {len(report.fused)} region(s)")
@@ -139,7 +161,7 @@ def _print_report(report: Any, out: str, example: torch.Tensor) -> None:
     for c in report.checks:
         table.add_row(c.runtime, str(c.batch), f"{c.max_abs:.2e}", f"{c.max_rel:.2e}",
                       "[green]ok[/green]" if c.ok else "[red]FAIL[/red]")
-    console.print(table)
+    print_table(table)
     if report.custom_nodes:
         if not report.native_available:
             console.print("native kernel: not built (ran the function fallback; "

@@ -1,12 +1,21 @@
-"""The ``repconv`` command: one group, each sub-command in its own module.
+"""The ``repconv`` command: one group, each sub-command in its own module (imported on first use).
 
-The CLI layer only parses arguments and prints; the work lives in the library."""
+The CLI layer only parses arguments and prints; the work lives in the library. Errors, exit codes
+and interrupts: :mod:`repconv.cli.errors`; the helpers every command shares: :mod:`repconv.cli.common`."""
 
 from __future__ import annotations
 
-import importlib
+if __name__ == "__main__":  # python -m repconv.cli.main: the entry point handles Ctrl-C before any import
+    from repconv.cli.entry import run
 
-import click
+    run()
+
+import contextlib  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from repconv.cli.errors import RepconvGroup  # noqa: E402
 
 # (module, attribute) of each sub-command; a module that is missing is simply not offered.
 _COMMANDS = [
@@ -19,19 +28,20 @@ _COMMANDS = [
     ("repconv.cli.build_cmd", "build_native_command"),
 ]
 
+EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 a numerical check failed (verification, ONNX Runtime vs PyTorch, "
+                   "profile regression); 2 bad usage or input (nothing written); 3 internal error; "
+                   "130 interrupted (143 on SIGTERM), nothing written.")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _progress() -> contextlib.AbstractContextManager[Any]:
+    from repconv.cli.progress import progress_display  # imports torch: only once a command runs
+
+    return progress_display()
+
+
+@click.group("repconv", cls=RepconvGroup, commands_from=_COMMANDS, wrap_invoke=_progress, epilog=EXIT_CODES_HELP,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repconv")
 def main() -> None:
     """Fuse, verify, export and profile re-parameterizable PyTorch models."""
 
-
-for _mod, _attr in _COMMANDS:
-    try:
-        main.add_command(getattr(importlib.import_module(_mod), _attr))
-    except ModuleNotFoundError as _e:  # an optional sub-command module that is not there
-        if _e.name != _mod:
-            raise
-
-if __name__ == "__main__":
-    main()

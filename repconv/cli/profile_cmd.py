@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from rich.console import Console
 from rich.markup import escape
 
 from repconv.cli.common import (
+    DTYPES,
+    Announcer,
     CheckFailure,
+    OutputPlan,
     UsageFailure,
-    atomic_output,
+    apply_dtype,
+    check_input_size,
+    check_runs,
+    command_help,
     console,
-    err_console,
+    example_input,
     input_shape_or_exit,
     load_model_or_exit,
     model_options,
+    no_clobber_option,
+    print_table,
+    say_wrote,
 )
 from repconv.io import ModelLoadError, parse_shape
 from repconv.profile.core import DEFAULT_SECONDS, DEFAULT_WARMUP, ProfileReport, profile_model
@@ -70,18 +81,25 @@ def _load(spec: str, weights: str | None, allow_pickle: bool) -> Any:
     return load_model_or_exit(spec, weights, allow_pickle)
 
 
-def _print(renderable: Any) -> None:
-    # Wide tables: when stdout is a file or pipe there is no terminal width to respect, and rich's
-    # default of 80 columns would only squeeze the numbers (print(width=) can narrow, not widen).
-    out = console if console.is_terminal else Console(highlight=False, width=max(console.width, 160))
-    out.print(renderable)
+def _print(renderable: Any, keys: int = 1) -> None:
+    # In a terminal the table is fitted to its width without cutting numbers (print_table); a file or
+    # pipe has no width to respect, so the table gets its natural width there (at least 160 columns).
+    if console.is_terminal:
+        print_table(renderable, keys)
+        return
+    natural = Console(width=100_000).measure(renderable).maximum
+    Console(highlight=False, width=max(160, natural)).print(renderable)
 
 
-def _say(msg: str) -> None:
-    err_console.print(f"[dim]· {escape(msg)}[/dim]")
+MAX_SECONDS = 86400  # a day per runtime and batch size: beyond that it is a typo, not a benchmark
+OUTPUT_RULE = ("\b\nOutputs (--json, --plot) are checked before any measurement and written\n"
+               "together at the end, only if the whole command succeeds (a --baseline\n"
+               "regression, exit 1, writes nothing). An existing file is replaced (and\n"
+               "the output says so) unless --no-clobber.")
 
 
-@click.command("profile")
+@click.command("profile", epilog=command_help(
+    "\b\nMODEL may also be an .onnx file (onnxruntime only).", OUTPUT_RULE))
 @model_options
 @click.option("--compare", "compare", default=None, metavar="OTHER",
               help="Profile OTHER (model spec or .onnx) against MODEL instead of MODEL's fused form.")
@@ -109,11 +127,13 @@ def _say(msg: str) -> None:
 @click.option("--import", "imports", multiple=True, type=click.Path(dir_okay=False),
               help="JSON report measured elsewhere (e.g. a bundle's benchmark.py) to show beside this run.")
 @click.option("--no-flush-denormal", is_flag=True, help="Keep denormal floats on CPU (default: flush to zero).")
+@no_clobber_option
 def profile_command(model: str | None, weights: str | None, allow_pickle: bool, input_shape: str | None,
-                    compare: str | None, no_fuse: bool, runtime: str | None, device: str, batch_sizes: str | None,
+                    dtype: str | None, compare: str | None, no_fuse: bool, runtime: str | None, device: str,
+                    batch_sizes: str | None,
                     threads: int | None, warmup: int, iters: int | None, seconds: float | None, per_op: bool,
                     top: int, json_out: str | None, plot_out: str | None, baseline: str | None,
-                    imports: tuple[str, ...], no_flush_denormal: bool) -> None:
+                    imports: tuple[str, ...], no_flush_denormal: bool, no_clobber: bool) -> None:
     """Time MODEL as given and fused, side by side (interleaved), on PyTorch and ONNX Runtime.
 
     MODEL is anything `repconv fuse` accepts, or an .onnx file (then onnxruntime only). torch.compile
@@ -127,8 +147,8 @@ def profile_command(model: str | None, weights: str | None, allow_pickle: bool, 
         raise UsageFailure("give --iters or --seconds, not both")
     if iters is not None and iters <= 0:
         raise UsageFailure(f"--iters must be positive, got {iters}")
-    if seconds is not None and seconds <= 0:
-        raise UsageFailure(f"--seconds must be positive, got {seconds}")
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise UsageFailure(f"--seconds must be positive and finite (at most {MAX_SECONDS}), got {seconds}")
     if warmup < 0:
         raise UsageFailure(f"--warmup must be >= 0, got {warmup}")
     if threads is not None and threads <= 0:
@@ -151,61 +171,85 @@ def profile_command(model: str | None, weights: str | None, allow_pickle: bool, 
         except ImportError:
             raise UsageFailure(MISSING_MATPLOTLIB) from None
 
-    report: ProfileReport | None = None
-    if model is not None:
-        target = _load(model, weights, allow_pickle)
-        other = _load(compare, None, allow_pickle) if compare else None
-        if isinstance(target, Path):
-            try:
-                shape = parse_shape(input_shape) if input_shape else None
-            except ModelLoadError as e:
-                raise UsageFailure(str(e)) from None
-        else:
-            shape, _ = input_shape_or_exit(target, input_shape)
+    protect = [model, compare, weights, baseline, *imports]
+    with OutputPlan(no_clobber=no_clobber, protect=protect, say=say_wrote) as plan:
+        json_file = plan.file(json_out, "--json", "json") if json_out and model is not None else None
+        plot_file = plan.file(plot_out, "--plot", "png") if plot_out else None
+        report = _measure(model, weights, allow_pickle, input_shape, dtype, compare, no_fuse, runtimes, device,
+                          sizes, threads, warmup, iters, seconds, per_op, top, no_flush_denormal)
+        shown = report or imported[0]
+        rest = imported if report is not None else imported[1:]
+        console.print(f"[bold]machine:[/bold] {escape(machine_summary(shown.machine))}")
+        for rep in rest:
+            console.print(f"[bold]imported:[/bold] {escape(machine_summary(rep.machine))}")
+        keys = 3 + int(len({r.source for rp in [shown, *rest] for r in rp.results}) > 1)
+        _print(results_table(shown, rest, title="latency per batch (ratio: per-pair candidate/reference, "
+                                                "< 1 is faster)"), keys)
+        _print(variants_table(shown))
+        for note in shown.notes:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}")
+        for t in per_op_tables(shown):
+            _print(t)
+
+        if json_file is not None and report is not None:
+            write_report(report, json_file.staged)
+        if plot_file is not None:
+            from repconv.profile.plot import plot_latency
+
+            plot_latency([r for rep in [shown, *rest] for r in rep.results], plot_file.staged,
+                         title=model or "imported results")
+        if base is not None and report is not None:
+            checks = compare_to_baseline(report.results, base.results)
+            if not checks:
+                console.print(f"[yellow]note:[/yellow] no row of {escape(str(baseline))} matches this run")
+            else:
+                _print(baseline_table(checks))
+                bad = [c for c in checks if c.status == "regression"]
+                if bad:
+                    raise CheckFailure(f"{len(bad)} regression(s) beyond the noise against {baseline}; "
+                                       "nothing written")
+
+
+def _measure(model: str | None, weights: str | None, allow_pickle: bool, input_shape: str | None,
+             dtype: str | None, compare: str | None, no_fuse: bool, runtimes: list[str] | None, device: str,
+             sizes: list[int] | None, threads: int | None, warmup: int, iters: int | None, seconds: float | None,
+             per_op: bool, top: int, no_flush_denormal: bool) -> ProfileReport | None:
+    """Load MODEL (and OTHER), check it runs, and profile it; None without MODEL (--import only)."""
+    if model is None:
+        return None
+    target = _load(model, weights, allow_pickle)
+    other = _load(compare, None, allow_pickle) if compare else None
+    dt = DTYPES[dtype] if dtype else None
+    if isinstance(target, Path):
+        if dtype:
+            raise UsageFailure("--dtype converts a PyTorch model; an .onnx MODEL keeps the dtype it was exported in")
         try:
-            report = profile_model(
+            shape = parse_shape(input_shape) if input_shape else None
+        except ModelLoadError as e:
+            raise UsageFailure(str(e)) from None
+    else:
+        target, dt, dtype_note = apply_dtype(target, dtype)
+        if dtype_note:
+            console.print(escape(dtype_note))
+        if other is not None and not isinstance(other, Path):
+            other, _, _ = apply_dtype(other, dtype or str(dt).removeprefix("torch."))
+        shape, note = input_shape_or_exit(target, input_shape)
+        if note:
+            console.print(escape(note))
+        check_runs(target, example_input((1, *shape[1:]), dt))  # a model that cannot run: say why now
+        for b in sizes or [shape[0]]:
+            check_input_size((b, *shape[1:]), dt, what=f"input at batch {b}")
+    try:
+        with Announcer() as say:
+            return profile_model(
                 target, shape, compare=other, fuse=not no_fuse, model_name=model, compare_name=compare,
                 runtimes=runtimes, device=device, batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
                 seconds=None if iters is not None else (seconds or DEFAULT_SECONDS), per_op=per_op, top=top,
-                flush_denormal=not no_flush_denormal, progress=_say)
-        except ProfileError as e:
-            raise UsageFailure(str(e)) from None
-        except MeasurementError as e:
-            raise click.ClickException(str(e)) from None
-
-    shown = report or imported[0]
-    rest = imported if report is not None else imported[1:]
-    console.print(f"[bold]machine:[/bold] {escape(machine_summary(shown.machine))}")
-    for rep in rest:
-        console.print(f"[bold]imported:[/bold] {escape(machine_summary(rep.machine))}")
-    _print(results_table(shown, rest, title="latency per batch (ratio: per-pair candidate/reference, "
-                                            "< 1 is faster)"))
-    _print(variants_table(shown))
-    for note in shown.notes:
-        console.print(f"[yellow]note:[/yellow] {escape(note)}")
-    for t in per_op_tables(shown):
-        _print(t)
-
-    if json_out and report is not None:
-        protect = tuple(p for p in (model, compare) if p)
-        with atomic_output(json_out, protect=protect) as tmp:
-            write_report(report, tmp)
-        console.print(f"wrote {escape(json_out)}")
-    if plot_out:
-        from repconv.profile.plot import plot_latency
-
-        with atomic_output(plot_out) as tmp:
-            plot_latency([r for rep in [shown, *rest] for r in rep.results], tmp, title=model or "imported results")
-        console.print(f"wrote {escape(plot_out)}")
-    if base is not None and report is not None:
-        checks = compare_to_baseline(report.results, base.results)
-        if not checks:
-            console.print(f"[yellow]note:[/yellow] no row of {escape(str(baseline))} matches this run")
-        else:
-            _print(baseline_table(checks))
-            bad = [c for c in checks if c.status == "regression"]
-            if bad:
-                raise CheckFailure(f"{len(bad)} regression(s) beyond the noise against {baseline}")
+                flush_denormal=not no_flush_denormal, progress=say, dtype=dt or torch.float32)
+    except ProfileError as e:
+        raise UsageFailure(str(e)) from None
+    except MeasurementError as e:
+        raise UsageFailure(str(e)) from None
 
 
 # MODEL is optional here (``--import`` alone shows results measured elsewhere); model_options makes it

@@ -18,12 +18,15 @@ from rich.table import Table
 
 from repconv.cli.common import (
     CheckFailure,
+    OutputPlan,
     UsageFailure,
-    atomic_output,
+    command_help,
     console,
     err_console,
     input_shape_or_exit,
     load_model_or_exit,
+    no_clobber_option,
+    say_wrote,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,7 +148,7 @@ def print_risk(report: Any, title: str, top: int | None = None) -> None:
 
 
 def quant_inspect(fused: torch.nn.Module, fuse_report: Any, shape: tuple[int, ...], calib: str | None,
-                  calib_random: int | None, mean: str | None, std: str | None, plot_path: str | None,
+                  calib_random: int | None, mean: str | None, std: str | None, plot_path: Path | None,
                   spec: str) -> Any:
     """The ``inspect --quant`` part: risk analysis on calibration data, table, optional plot."""
     from repconv.quant.risk import analyze_risk
@@ -165,17 +168,15 @@ def quant_inspect(fused: torch.nn.Module, fuse_report: Any, shape: tuple[int, ..
         from repconv.quant.plot import plot_risk
 
         try:
-            with atomic_output(plot_path, protect=(spec,)) as tmp:
-                plot_risk(risk, tmp)
+            plot_risk(risk, plot_path)  # a staged path of the caller's OutputPlan
         except PlotUnavailable as e:
             raise UsageFailure(str(e)) from None
-        console.print(f"wrote {escape(plot_path)}")
     return risk
 
 
 # --------------------------------------------------------------------------- repconv quantize
 
-@click.command("quantize")
+@click.command("quantize", epilog=command_help())
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="OUT.onnx",
               help="Where to write the INT8 ONNX model (QDQ format).")
@@ -197,24 +198,39 @@ def quant_inspect(fused: torch.nn.Module, fuse_report: Any, shape: tuple[int, ..
               help="State-dict file for a 'package.module:factory' MODEL.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow loading a full pickled module (runs code from the file; only for trusted files).")
+@no_clobber_option
 def quantize_command(model: str, output: str, calib: str | None, calib_random: int | None, mean: str | None,
                      std: str | None, method: str, reduce_range: bool | None, holdout: int | None,
                      report_path: str | None, no_latency: bool, input_shape: str | None, weights: str | None,
-                     allow_pickle: bool) -> None:
+                     allow_pickle: bool, no_clobber: bool) -> None:
     """Quantize MODEL to INT8 with ONNX Runtime (QDQ, per-channel weights) and measure the drift.
 
     MODEL is anything `repconv fuse` takes (fused and exported first, as `repconv export` does) or an
     fp32 .onnx file. Nothing is written unless the INT8 model loads and runs in ONNX Runtime."""
     import onnx
 
+    if holdout is not None and holdout < 1:
+        raise UsageFailure("--holdout must be at least 1")
+    with OutputPlan(no_clobber=no_clobber, protect=[model, weights, calib], say=say_wrote) as plan:
+        out = plan.file(output, "-o", "onnx")
+        rep = plan.file(report_path, "--report", "json") if report_path else None
+        result, random = _quantize(model, calib, calib_random, mean, std, method, reduce_range, holdout,
+                                   no_latency, input_shape, weights, allow_pickle)
+        _print_quantized(result, model)
+        onnx.save(result.model, out.staged)
+        if rep is not None:
+            rep.staged.write_text(json.dumps({"model": model, "output": output, "random_calibration": random,
+                                              **result.to_dict()}, indent=2) + "\n", encoding="utf-8")
+
+
+def _quantize(model: str, calib: str | None, calib_random: int | None, mean: str | None, std: str | None,
+              method: str, reduce_range: bool | None, holdout: int | None, no_latency: bool,
+              input_shape: str | None, weights: str | None, allow_pickle: bool) -> tuple[Any, bool]:
+    import onnx
+
     from repconv.export.onnx import ExportCheckError, ExportError
     from repconv.quant.ort_quant import QuantizeError, export_fp32, input_info, quantize_fp32
 
-    for p in (output, report_path):
-        if p and Path(p).is_dir():
-            raise UsageFailure(f"{p} is a directory")
-    if holdout is not None and holdout < 1:
-        raise UsageFailure("--holdout must be at least 1")
     loaded = load_any(model, allow_pickle, weights)
     export_note: list[str] = []
     if isinstance(loaded, onnx.ModelProto):
@@ -258,15 +274,9 @@ def quantize_command(model: str, output: str, calib: str | None, calib_random: i
         raise CheckFailure(f"{e} - nothing written") from None
     except ValueError as e:  # calibration batches (sizes) that do not fit the model
         raise UsageFailure(str(e)) from None
-    _print_quantized(result, model)
-    with atomic_output(output, protect=(model,)) as tmp:
-        onnx.save(result.model, tmp)
-    console.print(f"wrote {escape(output)}")
-    if report_path:
-        with atomic_output(report_path, protect=(model, output)) as tmp:
-            tmp.write_text(json.dumps({"model": model, "output": output, "random_calibration": random,
-                                       **result.to_dict()}, indent=2))
-        console.print(f"wrote {escape(report_path)}")
+    return result, random
+
+
 
 
 def _print_quantized(result: Any, spec: str) -> None:

@@ -52,10 +52,11 @@ import torch
 from torch import nn
 
 import repconv.ops  # noqa: F401 - registers torch.ops.repconv.involution
+from repconv.diagnose import describe_forward_failure
 from repconv.dynamic._common import onnx_static_batch
 from repconv.export import involution_onnx as inv_onnx
 from repconv.export.patterns import InvolutionMatch, rewrite_involutions
-from repconv.util import eval_mode, first_line, tensor_leaves
+from repconv.util import eval_mode, first_line, step, tensor_leaves
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -228,8 +229,7 @@ def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch
         with torch.no_grad():
             out = model(*_fresh(inputs))
     except Exception as e:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ExportError(f"the model fails on input {shapes}: {first_line(e)}") from None
+        raise ExportError(describe_forward_failure(model, inputs, e)) from None
     flat = tensor_leaves(out)
     if not flat:
         raise ExportError("the model returns no tensors")
@@ -542,19 +542,23 @@ def export_onnx_with_report(
             work = copy.deepcopy(model)  # the rewrite below must never touch the caller's module
         work.eval()
         work, report.involutions = rewrite_involutions(work, _fresh(inputs))
-        exported = _torch_export(work, inputs, len(ref), opset, dynamic_batch, model, report)
+        with step("exporting to ONNX"):
+            exported = _torch_export(work, inputs, len(ref), opset, dynamic_batch, model, report)
 
     _finish_custom_domain(exported, opset)
     report.nodes_exported = len(exported.graph.node)
-    final = _simplify(exported, report) if simplify else exported
+    with step("simplifying (onnxsim)"):
+        final = _simplify(exported, report) if simplify else exported
     _finish_custom_domain(final, opset)  # onnxsim may rewrite imports / ir_version
     final = _validate(final)
     report.nodes_final = len(final.graph.node)
     report.custom_nodes = count_custom_nodes(final)
     report.op_counts = dict(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in final.graph.node))
     report.ir_version = final.ir_version
-    _check_ort(final, cases, rtol, atol, report)
-    _write_atomic(final, target)
+    with step("checking in ONNX Runtime"):
+        _check_ort(final, cases, rtol, atol, report)
+    with step("writing the ONNX file"):
+        _write_atomic(final, target)
     report.seconds = time.perf_counter() - t0
     return report
 

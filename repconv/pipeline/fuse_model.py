@@ -17,11 +17,12 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from repconv import verification
+from repconv.diagnose import describe_forward_failure
 from repconv.dynamic import deploy_rewrites
 from repconv.graph import FuseReport, first_divergence, rewrite
 from repconv.graph.leftovers import sweep_leftovers
 from repconv.io import ModelLoadError, infer_input_shape
-from repconv.util import eval_mode, first_line
+from repconv.util import eval_mode, first_line, step
 from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, Inputs, VerificationError, as_tuple
 
 from . import capture
@@ -52,7 +53,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
     report.input_shapes = [list(t.shape) for t in inputs]
     if model.training:
         report.notes.append("model was in train mode: fused an eval-mode copy (BN uses running statistics)")
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), step("tracing and fusing"):
         # dynamic operators (CondConv, PSConv, ...) first take their inference form
         if isinstance(model, torch.jit.ScriptModule):
             source: nn.Module = _from_torchscript(model, inputs)
@@ -74,7 +75,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
         checks = [inputs] + [tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
                                    if t.is_floating_point() else t for t in inputs) for _ in range(2)]
         checks += [as_tuple(s) for s in samples]
-        with eval_mode(model):
+        with eval_mode(model), step("verifying"):
             result = verification.verify(model, fused, checks, rtol=rtol, atol=atol,
                                          float64_reference=lambda: _float64_copy(model, inputs, report))
             if not result.ok:
@@ -184,24 +185,10 @@ def _example_inputs(model: nn.Module, example_inputs: Inputs | None, seed: int) 
 
 
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Run the model once; a failure is the user's input not fitting it."""
+    """Run the model once; a failure is the model not running on these inputs: say why."""
     try:
         model(*inputs)
     except Exception as e:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        try:
-            expected = f"; its first layer expects {_expected_dims(model)}"
-        except ModelLoadError:
-            expected = ""
-        raise FuseInputError(f"model does not accept input {shapes}{expected} ({first_line(e)})") from None
-
-
-def _expected_dims(model: nn.Module) -> str:
-    shape = infer_input_shape(model)
-    if len(shape) == 4:
-        return f"(N, C={shape[1]}, H, W)"
-    if len(shape) == 3:
-        return f"(N, C={shape[1]}, L)"
-    return f"(N, {shape[1]} features)"
+        raise FuseInputError(describe_forward_failure(model, inputs, e)) from None
 
 

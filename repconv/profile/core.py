@@ -168,7 +168,10 @@ def _try_fuse(module: nn.Module, example: torch.Tensor) -> tuple[nn.Module | Non
 def _export(module: nn.Module, path: Path, example: torch.Tensor, dynamic_batch: bool) -> Path:
     from repconv.export.onnx import export_onnx
 
-    return Path(export_onnx(module, path, (example,), fuse=False, dynamic_batch=dynamic_batch))
+    # half precision: ORT and PyTorch round differently, so allow 8 ulps as verification does
+    half = example.dtype in (torch.float16, torch.bfloat16)
+    rtol = 8 * torch.finfo(example.dtype).eps if half else 1e-4
+    return Path(export_onnx(module, path, (example,), fuse=False, dynamic_batch=dynamic_batch, rtol=rtol))
 
 
 def _validate(runtimes: Sequence[str] | None, batch_sizes: Sequence[int] | None, threads: int | None,
@@ -242,13 +245,15 @@ def profile_model(
     seed: int = 0,
     clock: Clock = time.perf_counter,
     progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ProfileReport:
     """Time ``model`` (a module or an ``.onnx`` path) and its fused form, or ``compare``, side by side.
 
     Every (runtime, batch size) group times all variants interleaved: one call of each per repetition,
     order rotating, ``iters`` repetitions or until ``seconds`` have passed; the first variant is the
     reference of the paired ratios. ``runtimes`` defaults to those of :data:`DEFAULT_RUNTIMES` usable
-    here for these variants; ``["all"]`` means every usable one. Raises :class:`ProfileError` for a
+    here for these variants; ``["all"]`` means every usable one. Inputs are made in ``dtype`` (the
+    model's own: convert the model first). Raises :class:`ProfileError` for a
     request that cannot be honoured."""
     _validate(runtimes, batch_sizes, threads, warmup, iters, seconds, top)
     dev = check_device(device)
@@ -275,7 +280,7 @@ def profile_model(
         if isinstance(fixed, int) and any(b != fixed for b in sizes):
             raise ProfileError(f"{model}: the batch dimension is fixed to {fixed}; cannot run batch sizes {sizes}")
     gen = torch.Generator().manual_seed(seed)
-    base_input = torch.randn((1, *shape[1:]), generator=gen)
+    base_input = torch.randn((1, *shape[1:]), generator=gen, dtype=dtype)
 
     def make(obj: nn.Module | str | Path, label: str) -> Variant:
         if _is_onnx(obj):
@@ -336,6 +341,7 @@ def profile_model(
         "runtimes": chosen, "device": str(dev), "batch_sizes": sizes, "input_shape": list(shape),
         "warmup": warmup, "iters": iters, "seconds": None if iters is not None else seconds,
         "per_op": per_op, "flush_denormal": flush_denormal, "seed": seed, "interleaved": True,
+        "dtype": str(dtype).removeprefix("torch."),
         "ort_thread_spinning": False,
     }
     report = ProfileReport(machine={}, config=config, notes=notes,
@@ -387,7 +393,7 @@ def profile_model(
         for runtime in chosen:
             for b in sizes:
                 say(f"{runtime}, batch {b}: preparing")
-                x = torch.randn((b, *shape[1:]), generator=torch.Generator().manual_seed(seed + b))
+                x = torch.randn((b, *shape[1:]), generator=torch.Generator().manual_seed(seed + b), dtype=dtype)
                 runners: list[Runner] = []
                 try:
                     runners = [make_runner(runtime, i, x) for i in range(len(variants))]
