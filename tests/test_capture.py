@@ -352,3 +352,46 @@ def test_wrong_input_is_a_user_error_not_a_capture_failure() -> None:
 
     with pytest.raises(FuseInputError, match="does not accept input"):
         fuse_with_report(_ready(RoutedNet()), torch.randn(1, 4, 32, 32))
+
+
+class StarArgs(nn.Module):
+    """``*xs`` and a keyword-only flag: the graph cannot take the flag positionally, so the block is
+    fused through its parts; ``*xs`` alone traces."""
+
+    def __init__(self):
+        super().__init__()
+        self.sum_block = SumOfInputs()
+        self.kw_block = KeywordOnly()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < 2:  # shape-dependent Python
+            return x
+        return self.sum_block(x, 2 * x) + self.kw_block(x, double=True)
+
+
+class SumOfInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = ConvBN(3, 4)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return sum(self.body(x) for x in xs)
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = ConvBN(3, 4)
+
+    def forward(self, x: torch.Tensor, *, double: bool = False) -> torch.Tensor:
+        y = self.body(x)
+        return 2 * y if double else y
+
+
+def test_varargs_traced_keyword_only_fused_in_parts() -> None:
+    model = _ready(StarArgs())
+    fused, report = fuse_with_report(model, torch.randn(1, 3, 8, 8))
+    assert isinstance(fused.sum_block, torch.fx.GraphModule)
+    assert any(u.startswith("kw_block: _Unsupported: keyword-only") for u in report.untraced), report.untraced
+    assert _bns(fused) == 0
+    _check_outputs(model, fused, (1, 3, 8, 8))

@@ -258,8 +258,8 @@ class _CallTracer(RepTracer):
         bound = sig.bind(self.root, *self.call.args, **self.call.kwargs)
         placeholders = []
         for p in params[1:]:
-            if p.kind is p.KEYWORD_ONLY and not any(q.kind is q.VAR_POSITIONAL for q in params):
-                raise _Unsupported(f"keyword-only parameter {p.name} without *args")
+            if p.kind is p.KEYWORD_ONLY:  # an fx graph's inputs are positional (ShapeProp feeds them so)
+                raise _Unsupported(f"keyword-only parameter {p.name}")
             name = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name
             default = () if p.default is p.empty else (p.default,)
             proxy = self.create_proxy("placeholder", name, default, {})
