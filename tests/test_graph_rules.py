@@ -345,3 +345,70 @@ def test_asymmetric_zero_padding_stays_an_explicit_pad_before_one_conv() -> None
     with torch.no_grad():
         x2 = torch.randn(2, 4, 11, 9)  # other sizes too: the pad is explicit, not baked into a kernel
         assert rel_err(fused(x2), model(x2)) < 1e-5
+
+
+def test_layer_scale_after_permute_folds_into_the_linear_which_stays_a_linear() -> None:
+    """torchvision ConvNeXt: Linear on channels-last, permute back, layer scale (C, 1, 1)."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int = 16) -> None:
+            super().__init__()
+            self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+            self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+            self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.pw2(self.act(self.pw1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+            return x + self.layer_scale * y.permute(0, 3, 1, 2)
+
+    model = Block().eval()
+    x = torch.randn(2, 16, 8, 8)
+    fused, _ = fuse_with_report(model, x)
+    assert [type(m).__name__ for m in fused.modules() if isinstance(m, nn.Conv2d | nn.Linear)] == \
+        ["Conv2d", "Linear", "Linear"]
+    assert "mul" not in fused.code  # the layer scale went into pw2
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) < 1e-5
+
+
+class TopkHead(nn.Module):
+    """A detection-style head: scores -> topk -> gather. fp32 rounding swaps near-tied scores."""
+
+    def __init__(self, c: int = 32, depth: int = 4, k: int = 300):
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.SiLU())
+                                    for _ in range(depth)])
+        self.score, self.k = nn.Conv2d(c, 8, 1), k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.body(x)
+        top, idx = self.score(f).flatten(1).topk(self.k, dim=1)
+        feats = f.flatten(2).repeat(1, 1, 8).gather(2, idx[:, None].expand(-1, f.shape[1], -1))
+        return torch.cat([top[:, None], feats], 1)
+
+
+def test_order_selecting_head_is_verified_by_the_float64_fold() -> None:
+    torch.manual_seed(2)
+    model = randomize_bn_(TopkHead(), 2).eval()
+    x = torch.randn(1, 32, 32, 32)
+    fused, report = fuse_with_report(model, x)
+    v = report.verification
+    assert not v.direct_ok and v.max_rel > 1e-3  # in fp32, swapped rows
+    assert v.ok and v.fold_exact and max(o.max_rel for o in v.float64_fold) < 1e-12
+    assert "order-selecting" in v.summary()
+
+
+def test_the_float64_fold_still_catches_a_real_mistake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken fold (BN scale applied twice) is wrong in float64 as well: verification fails."""
+    from repconv import algebra
+
+    real = algebra.conv_then_affine
+
+    def broken(k: object, scale: torch.Tensor, shift: torch.Tensor) -> object:
+        return real(real(k, scale, shift), scale, 0 * shift)
+
+    monkeypatch.setattr("repconv.graph.affine.A.conv_then_affine", broken)
+    torch.manual_seed(2)
+    model = randomize_bn_(TopkHead(depth=2, k=50), 2).eval()
+    with pytest.raises(repconv.VerificationError, match="not exact"):
+        fuse_with_report(model, torch.randn(1, 32, 16, 16))

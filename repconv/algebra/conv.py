@@ -9,6 +9,7 @@ end, so folding error stays near fp64 round-off. A rule that would not be exact 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,6 +68,11 @@ class ConvKernel:
     @property
     def kernel_size(self) -> Pair:
         return (self.weight.shape[2], self.weight.shape[3])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The weight's shape (known without computing a deferred kernel)."""
+        return tuple(self.weight.shape)
 
     @property
     def is_pointwise(self) -> bool:
@@ -392,18 +398,76 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
       commutes with the channel mix (with its bias too), so it is exact.
     Anything else (KxK after KxK with padding, strided 1x1 first) is refused.
     """
+    shape, geom, make = _compose_plan(first, second)
+    return make()
+
+
+def compose_deferred(first: ConvKernel, second: ConvKernel) -> ConvKernel:
+    """:func:`compose`, checked now (the same refusals) but computed on first use: the fusion pass
+    weighs a composition by its shape and often discards it (a depthwise 7x7 then a 1x1 expansion
+    would be a dense 7x7 kernel 45x as costly), so the kernel is only built when it is kept."""
+    shape, geom, make = _compose_plan(first, second)
+    return DeferredConvKernel(shape, geom, make)
+
+
+class DeferredConvKernel(ConvKernel):
+    """A ConvKernel whose weight and bias are computed on first access; its shape and geometry are
+    known from the start."""
+
+    def __init__(self, shape: tuple[int, int, int, int], geom: ConvGeometry, make: Callable[[], ConvKernel]):
+        self._shape, self.geom, self._make, self._value = shape, geom, make, None
+
+    def _force(self) -> ConvKernel:
+        if self._value is None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self._force().weight
+
+    @property
+    def bias(self) -> Tensor:  # type: ignore[override]
+        return self._force().bias
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape
+
+    @property
+    def out_channels(self) -> int:
+        return self._shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self._shape[1] * self.geom.groups
+
+    @property
+    def kernel_size(self) -> Pair:
+        return (self._shape[2], self._shape[3])
+
+
+def _compose_plan(first: ConvKernel, second: ConvKernel
+                  ) -> tuple[tuple[int, int, int, int], ConvGeometry, Callable[[], ConvKernel]]:
+    """(result shape, result geometry, computation) of ``compose``, or FusionRefused."""
     if first.out_channels != second.in_channels:
         raise FusionRefused("channel mismatch between composed convs")
     cropped = _compose_crop(first, second)
     if cropped is not None:
-        return cropped
+        return cropped.shape, cropped.geom, lambda: cropped
     a, b = first, second
     ga, gb = a.geom.groups, b.geom.groups
+    g = math.gcd(ga, gb)
     if b.is_pointwise and b.geom.padding == (0, 0):
-        w, g = _grouped_product(b.weight.reshape(b.out_channels, -1, 1), gb,
-                                a.weight.reshape(a.out_channels, a.weight.shape[1], -1), ga)
-        bias = _grouped_bias(b.weight[:, :, 0, 0], gb, a.bias) + b.bias
-        return ConvKernel(w.reshape(b.out_channels, -1, *a.kernel_size), bias, replace(a.geom, groups=g))
+        geom = replace(a.geom, groups=g)
+
+        def channel_mix() -> ConvKernel:
+            w, _ = _grouped_product(b.weight.reshape(b.out_channels, -1, 1), gb,
+                                    a.weight.reshape(a.out_channels, a.weight.shape[1], -1), ga)
+            bias = _grouped_bias(b.weight[:, :, 0, 0], gb, a.bias) + b.bias
+            return ConvKernel(w.reshape(b.out_channels, -1, *a.kernel_size), bias, geom)
+
+        return (b.out_channels, a.in_channels // g, *a.kernel_size), geom, channel_mix
     if a.is_pointwise:
         a_pad, b_pad = any(a.geom.padding), any(b.geom.padding)
         modes = {geo.padding_mode for geo, p in ((a.geom, a_pad), (b.geom, b_pad)) if p}
@@ -414,13 +478,16 @@ def compose(first: ConvKernel, second: ConvKernel) -> ConvKernel:
         if b_pad and mode == "zeros" and bool((a.bias != 0).any()):
             raise FusionRefused("a per-pixel map with a bias (e.g. BN) before a zero-padded conv: the padded "
                                 "border would see 0 instead of the bias (fold it into a preceding conv instead)")
-        kh, kw = b.kernel_size
-        w, g = _grouped_product(b.weight.reshape(b.out_channels, b.weight.shape[1], -1), gb,
-                                a.weight.reshape(a.out_channels, -1, 1), ga)
-        bias = b.bias + _grouped_bias(b.weight.sum((2, 3)), gb, a.bias)
         pad = (a.geom.padding[0] + b.geom.padding[0], a.geom.padding[1] + b.geom.padding[1])
-        return ConvKernel(w.reshape(b.out_channels, -1, kh, kw), bias,
-                          replace(b.geom, padding=pad, groups=g, padding_mode=mode))
+        geom = replace(b.geom, padding=pad, groups=g, padding_mode=mode)
+
+        def mixed_kernel() -> ConvKernel:
+            w, _ = _grouped_product(b.weight.reshape(b.out_channels, b.weight.shape[1], -1), gb,
+                                    a.weight.reshape(a.out_channels, -1, 1), ga)
+            bias = b.bias + _grouped_bias(b.weight.sum((2, 3)), gb, a.bias)
+            return ConvKernel(w.reshape(b.out_channels, -1, *b.kernel_size), bias, geom)
+
+        return (b.out_channels, a.in_channels // g, *b.kernel_size), geom, mixed_kernel
     raise FusionRefused(f"cannot compose a {first.kernel_size} conv (stride {first.geom.stride}) with a "
                         f"{second.kernel_size} conv exactly")
 

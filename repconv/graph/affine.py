@@ -8,6 +8,7 @@ not be exactly one conv / linear.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -125,7 +126,7 @@ class Affine:
     def out_channels(self) -> int:
         if self.kernel is None:
             return self.channels if self.rank == 4 else self.features
-        return int(self.kernel.weight.shape[0])
+        return int(self.kernel.out_channels if isinstance(self.kernel, ConvKernel) else self.kernel.weight.shape[0])
 
     @property
     def branches(self) -> int:
@@ -219,20 +220,21 @@ def through_conv(node: fx.Node, v: Affine, k: ConvKernel) -> Affine:
         return v.extend(node, k)
     first = v.conv()
     sh, sw = k.geom.stride  # the first op runs on sh*sw times as many pixels as the second
-    return _chained(node, v, first, k, A.compose(first, k), A.compose, sh * sw)
+    return _chained(node, v, first, k, A.compose_deferred(first, k), A.compose, sh * sw)
 
 
 def _chained(node: fx.Node, v: Affine, first: Kernel, second: Kernel, fused: Kernel,
              compose: Callable[[Kernel, Kernel], Kernel], first_runs: int = 1) -> Affine:
     """``v`` extended by a composition; marked expensive when the fused kernel costs more than
     running both (a channel-reducing 1x1 before a KxK, a bottleneck MLP)."""
-    expensive = v.expensive | {node} if _macs(fused) > _macs(first) * first_runs + _macs(second) else v.expensive
+    expensive = v.expensive | {node} if macs(fused) > macs(first) * first_runs + macs(second) else v.expensive
     return v.extend(node, fused, second, compose, expensive=expensive)
 
 
-def _macs(k: Kernel) -> int:
-    """Multiply-adds per output pixel (conv) or per row (linear)."""
-    return int(k.weight.numel())
+def macs(k: Kernel) -> int:
+    """Multiply-adds per output pixel (conv) or per row (linear); from the shape alone, so a deferred
+    composition is weighed without being computed."""
+    return math.prod(k.shape) if isinstance(k, ConvKernel) else int(k.weight.numel())
 
 
 def through_channel_affine(node: fx.Node, v: Affine, scale: Tensor, shift: Tensor, axis: str = "any") -> Affine:
@@ -346,8 +348,8 @@ def through_concat(node: fx.Node, values: list[Affine], dim: int) -> Affine:
 
 def _grows(kernel: Kernel, values: list[Affine]) -> bool:
     """A merge that costs more than its branches (PSConv's dilations in one sparse 9x9 kernel)."""
-    parts = sum(_macs(v.kernel) if v.kernel is not None else v.out_channels for v in values)
-    return _macs(kernel) > parts
+    parts = sum(macs(v.kernel) if v.kernel is not None else v.out_channels for v in values)
+    return macs(kernel) > parts
 
 
 def _merged(node: fx.Node, values: list[Affine], kernel: Kernel, grows: bool,

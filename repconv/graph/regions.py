@@ -231,7 +231,7 @@ def _spatial(node: fx.Node) -> int:
 def region_macs(an: Analysis, node: fx.Node) -> int:
     """Multiply-adds of the single module that would replace the region ending at ``node``."""
     k = an.values[node].kernel
-    return int(k.weight.numel()) * _spatial(node) if k is not None else 0
+    return V.macs(k) * _spatial(node) if k is not None else 0
 
 
 def original_macs(an: Analysis, sources: frozenset[fx.Node]) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repconv import algebra as A
-from repconv.algebra import ConvKernel, FusionRefused
+from repconv.algebra import ConvKernel, FusionRefused, LinearKernel
 
 from .affine import Affine
 from .regions import CONV_FUNCTIONS, LINEAR_FUNCTIONS, Analysis, analyze, metadata_stand_in, region_outputs
@@ -57,7 +57,11 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         region.block = _join(prefix, _block_of(v.sources, modules))
         region.params_before = _params_of(v.sources, modules, consts, named_params)
         dtype, device = _dtype_device(node, v.sources, modules, consts)
-        new_mod: nn.Module = v.kernel.to_module(dtype=dtype, device=device)
+        # a channels-last Linear whose output was permuted (ConvNeXt's layer scale after the permute)
+        # stays a Linear followed by the permute, not a 1x1 conv of the permuted (wider) input
+        linear_then_permute = v.root_perm is not None and _is_linear_region(v, modules)
+        kernel = _as_linear(v.kernel) if linear_then_permute else v.kernel
+        new_mod: nn.Module = kernel.to_module(dtype=dtype, device=device)
         region.params_after = sum(p.numel() for p in new_mod.parameters())
         region.target = _unique(_block_of(v.sources, modules), taken)
         region.module_path = _join(prefix, region.target)
@@ -70,10 +74,13 @@ def rewrite(gm: fx.GraphModule, report: FuseReport, prefix: str = "") -> fx.Grap
         first = min(v.sources, key=order.__getitem__)
         root = replaced.get(v.root, v.root)
         with gm.graph.inserting_before(first):
-            read = gm.graph.call_method("permute", (root, *v.root_perm)) if v.root_perm else root
-            if v.pre_pad:  # an asymmetric zero padding stays an explicit pad before the one conv
-                read = gm.graph.call_function(F.pad, (read, list(v.pre_pad)))
-            new = gm.graph.call_module(region.target, (read,))
+            if linear_then_permute:
+                new = gm.graph.call_method("permute", (gm.graph.call_module(region.target, (root,)), *v.root_perm))
+            else:
+                read = gm.graph.call_method("permute", (root, *v.root_perm)) if v.root_perm else root
+                if v.pre_pad:  # an asymmetric zero padding stays an explicit pad before the one conv
+                    read = gm.graph.call_function(F.pad, (read, list(v.pre_pad)))
+                new = gm.graph.call_module(region.target, (read,))
         new.meta = dict(node.meta)
         renames.append((new, node.name))
         for fill in [u for u in node.users if u in v.extra and u.target is operator.setitem]:
@@ -160,6 +167,22 @@ def _report_left(an: Analysis, node: fx.Node, v: Affine, report: FuseReport, pre
 
 
 _WEIGHTED_MODULES = (nn.Conv2d, nn.Linear, nn.AvgPool2d)
+
+
+def _is_linear_region(v: Affine, modules: dict[str, nn.Module]) -> bool:
+    """The region's weighted ops are all Linear (matmuls), and its kernel a plain 1x1 channel mix."""
+    k = v.kernel
+    if not isinstance(k, ConvKernel) or k.kernel_size != (1, 1) or k.geom.groups != 1 or any(k.geom.padding) \
+            or k.geom.stride != (1, 1):
+        return False
+    weighted = [n for n in v.sources if _weighted(n, modules)]
+    return bool(weighted) and all(
+        isinstance(modules.get(str(n.target)), nn.Linear) if n.op == "call_module" else n.target in LINEAR_FUNCTIONS
+        for n in weighted)
+
+
+def _as_linear(k: ConvKernel) -> LinearKernel:
+    return LinearKernel(k.weight[:, :, 0, 0], k.bias)
 
 
 def _weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
