@@ -44,6 +44,21 @@ def require_odd(kernel_size: Pair, who: str) -> None:
         raise ValueError(f"{who}: kernel {kernel_size} must be odd so parallel branches share a centre")
 
 
+def kxk_and_1x1_geometry(kernel_size: int | Pair, stride: int | Pair, padding: int | Pair | None,
+                         dilation: int | Pair, who: str) -> tuple[Pair, Pair, Pair, Pair, Pair, bool]:
+    """RepVGG-style KxK + 1x1 branches: (k, stride, dilation, KxK padding, 1x1 padding, centred).
+    The 1x1 is padded by ``padding - k//2`` so it stays centred under a larger padding; ``centred``
+    (the padding is the centred one) is what an identity branch needs besides stride 1."""
+    k, d, s = pair(kernel_size), pair(dilation), pair(stride)
+    require_odd(k, who)
+    c = same_padding(k, d)
+    p = c if padding is None else pair(padding)
+    p11 = (p[0] - c[0], p[1] - c[1])
+    if min(p11) < 0:
+        raise ValueError(f"{who}: padding {p} is smaller than the centred padding {c}")
+    return k, s, d, p, p11, p == c
+
+
 class ConvBN(nn.Sequential):
     """Conv2d without bias followed by BatchNorm2d (children ``conv`` and ``bn``)."""
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..algebra import ConvKernel, add, bn_module_scale_shift, conv_then_affine, identity
-from .common import ConvBN, Pair, RepBlock, conv_kernel, kernel_to_conv, pair, require_odd, same_padding
+from .common import ConvBN, Pair, RepBlock, conv_kernel, kernel_to_conv, kxk_and_1x1_geometry
 
 
 class QARepVGGBlock(RepBlock):
@@ -23,17 +23,11 @@ class QARepVGGBlock(RepBlock):
                  padding: int | Pair | None = None, dilation: int | Pair = 1, groups: int = 1,
                  act: bool = True, deploy: bool = False) -> None:
         super().__init__()
-        k, d, s = pair(kernel_size), pair(dilation), pair(stride)
-        require_odd(k, "QARepVGGBlock")
-        c = same_padding(k, d)
-        p = c if padding is None else pair(padding)
-        p11 = (p[0] - c[0], p[1] - c[1])
-        if min(p11) < 0:
-            raise ValueError(f"QARepVGGBlock: padding {p} is smaller than the centred padding {c}")
+        k, s, d, p, p11, centred = kxk_and_1x1_geometry(kernel_size, stride, padding, dilation, "QARepVGGBlock")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.conv_kxk: ConvBN | None = ConvBN(in_channels, out_channels, k, s, p, d, groups)
         self.conv_1x1: nn.Conv2d | None = nn.Conv2d(in_channels, out_channels, 1, s, p11, groups=groups, bias=False)
-        self.use_identity = in_channels == out_channels and s == (1, 1) and p == c
+        self.use_identity = in_channels == out_channels and s == (1, 1) and centred
         self.bn: nn.BatchNorm2d | None = nn.BatchNorm2d(out_channels)
         self.reparam_conv: nn.Conv2d | None = None
         self.act = nn.ReLU() if act else nn.Identity()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..algebra import add
-from .common import ConvBN, Pair, RepBlock, bn_identity_kernel, kernel_to_conv, pair, require_odd, same_padding
+from .common import ConvBN, Pair, RepBlock, bn_identity_kernel, kernel_to_conv, kxk_and_1x1_geometry
 
 
 class RepVGGBlock(RepBlock):
@@ -21,17 +21,11 @@ class RepVGGBlock(RepBlock):
                  padding: int | Pair | None = None, dilation: int | Pair = 1, groups: int = 1,
                  act: bool = True, deploy: bool = False) -> None:
         super().__init__()
-        k, d, s = pair(kernel_size), pair(dilation), pair(stride)
-        require_odd(k, "RepVGGBlock")
-        p = same_padding(k, d) if padding is None else pair(padding)
-        c = same_padding(k, d)
-        p11 = (p[0] - c[0], p[1] - c[1])
-        if min(p11) < 0:
-            raise ValueError(f"RepVGGBlock: padding {p} is smaller than the centred padding {c}")
+        k, s, d, p, p11, centred = kxk_and_1x1_geometry(kernel_size, stride, padding, dilation, "RepVGGBlock")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.conv_kxk: ConvBN | None = ConvBN(in_channels, out_channels, k, s, p, d, groups)
         self.conv_1x1: ConvBN | None = ConvBN(in_channels, out_channels, 1, s, p11, 1, groups)
-        use_id = in_channels == out_channels and s == (1, 1) and p == c  # output keeps the input's shape
+        use_id = in_channels == out_channels and s == (1, 1) and centred  # output keeps the input's shape
         self.bn_identity: nn.BatchNorm2d | None = nn.BatchNorm2d(in_channels) if use_id else None
         self.reparam_conv: nn.Conv2d | None = None
         self.act = nn.ReLU() if act else nn.Identity()

@@ -106,7 +106,8 @@ def print_report(report: FuseReport, title: str) -> None:
     for item in report.left:
         console.print(f"[yellow]left as is:[/yellow] {escape(item.where)}: {escape(item.reason)}")
     for item in report.untraced:
-        console.print(f"[yellow]not traceable, fused its children instead:[/yellow] {escape(item)}")
+        console.print(f"[yellow]not traceable (the submodules it calls were fused, with the inputs they got):"
+                      f"[/yellow] {escape(item)}")
     for note in report.notes:
         console.print(f"[cyan]note:[/cyan] {escape(note)}")
     console.print(f"parameters: {_fmt_params(report.params_before)} → {_fmt_params(report.params_after)}; "

@@ -37,7 +37,13 @@ def first_divergence(model: nn.Module, fused: nn.Module, inputs: tuple[torch.Ten
             if sub is None:
                 continue
             captured: list[tuple] = []
-            h = child.register_forward_pre_hook(lambda _m, a, c=captured: c.append(a) if not c else None)
+
+            def record(_m: nn.Module, args: tuple, kwargs: dict, c: list[tuple] = captured) -> None:
+                # a call with keyword or non-tensor arguments cannot be replayed positionally: skipped
+                if not c and not kwargs and args and all(isinstance(a, torch.Tensor) for a in args):
+                    c.append(tuple(a.detach().clone() for a in args))
+
+            h = child.register_forward_pre_hook(record, with_kwargs=True)
             try:
                 model(*(t.clone() for t in inputs))
             finally:

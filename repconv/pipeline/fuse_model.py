@@ -20,11 +20,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from repconv import verification
 from repconv.diagnose import describe_forward_failure
 from repconv.dynamic import deploy_rewrites
-from repconv.graph import FuseReport, first_divergence, rewrite, trace
+from repconv.graph import FuseReport, first_divergence, rewrite
 from repconv.graph.leftovers import sweep_leftovers
 from repconv.io import ModelLoadError, infer_input_shape
 from repconv.util import eval_mode, first_line, step
 from repconv.verification import DEFAULT_ATOL, DEFAULT_RTOL, Inputs, VerificationError, as_tuple
+
+from . import capture
 
 
 class FuseInputError(ValueError):
@@ -64,7 +66,7 @@ def fuse_with_report(model: nn.Module, example_inputs: Inputs | None = None, *, 
             source = _self_reparameterize(source, source is not model, report)
         # the pass never mutates the modules it reads; the deepcopy at the end detaches the result
         # from the user's model while copying only what survived fusion
-        fused = copy.deepcopy(_fuse_module(source, inputs, report, prefix=""))
+        fused = copy.deepcopy(_fuse_module(source, inputs, report, "", rtol, atol))
     fused.eval()
     sweep_leftovers(fused, report)
     report.params_before = sum(p.numel() for p in model.parameters())
@@ -152,20 +154,19 @@ def _from_torchscript(model: torch.jit.ScriptModule, inputs: tuple[torch.Tensor,
     return gm
 
 
-def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
-    try:
-        gm = work if isinstance(work, fx.GraphModule) and work.meta.get("repconv_pretraced") else trace(work)
-    except Exception as e:  # data-dependent Python: fall back to the largest traceable children
-        report.untraced.append(f"{prefix or type(work).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        return _fuse_children(work, inputs, report, prefix)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks itself
-            ShapeProp(gm).propagate(*inputs)  # one real forward: also proves the inputs fit
-    except Exception as e:
-        _check_runs(work, inputs)  # a user error (wrong shape) is reported as such
-        report.untraced.append(f"{prefix or type(work).__name__}: shape propagation failed: {str(e)[:120]}")
-        return _fuse_children(work, inputs, report, prefix)
-    return rewrite(gm, report, prefix)
+def _fuse_module(work: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str,
+                 rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> nn.Module:
+    if isinstance(work, fx.GraphModule) and work.meta.get("repconv_pretraced"):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks itself
+                ShapeProp(work).propagate(*inputs)
+        except Exception as e:
+            _check_runs(work, inputs)  # a user error (wrong shape) is reported as such
+            report.untraced.append(f"{type(work).__name__}: shape propagation failed: {first_line(e, 120)}")
+            return work
+        return rewrite(work, report, prefix)
+    _check_runs(work, inputs)  # one real forward: a failure is the user's input not fitting the model
+    return capture.fuse_calls(work, [capture.Call(inputs, {})], capture.Capture(report, rtol, atol), prefix)
 
 
 def _self_reparameterize(model: nn.Module, owned: bool, report: FuseReport) -> nn.Module:
@@ -179,47 +180,6 @@ def _self_reparameterize(model: nn.Module, owned: bool, report: FuseReport) -> n
         work.get_submodule(name).reparameterize()
     report.notes.append("self re-parameterized: " + ", ".join(n or "(top)" for n in names))
     return work
-
-
-def _fuse_children(module: nn.Module, inputs: tuple[torch.Tensor, ...], report: FuseReport, prefix: str) -> nn.Module:
-    # a shell sharing the children, so replacing them leaves the user's module alone; containers
-    # (ModuleList / ModuleDict: never called themselves) are shelled too and their items fused
-    work = _shell(module)
-    targets: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent shell, name, child, path)
-
-    def collect(parent: nn.Module, path: str) -> None:
-        for name, child in list(parent.named_children()):
-            child_path = f"{path}.{name}" if path else name
-            if isinstance(child, nn.ModuleList | nn.ModuleDict):
-                shell = _shell(child)
-                setattr(parent, name, shell)
-                collect(shell, child_path)
-            elif list(child.children()) or not type(child).__module__.startswith("torch.nn"):
-                targets.append((parent, name, child, child_path))  # built-in leaves: nothing to fuse
-
-    collect(work, prefix)
-    captured: dict[int, tuple[torch.Tensor, ...]] = {}
-    hooks = []
-    for i, (_, _, child, _) in enumerate(targets):
-        def hook(_m: nn.Module, args: tuple, i: int = i) -> None:
-            if i not in captured and all(isinstance(a, torch.Tensor) for a in args):
-                captured[i] = tuple(a.detach().clone() for a in args)
-        hooks.append(child.register_forward_pre_hook(hook))
-    try:
-        _check_runs(work, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    for i, (parent, name, child, path) in enumerate(targets):
-        if i in captured:
-            setattr(parent, name, _fuse_module(child, captured[i], report, path))
-    return work
-
-
-def _shell(module: nn.Module) -> nn.Module:
-    shell = copy.copy(module)
-    shell._modules = dict(module._modules)
-    return shell
 
 
 # --------------------------------------------------------------------------- checks and inputs
