@@ -19,6 +19,7 @@ tuple; each output is named after its path in the structure (``logits``, ``aux.0
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -296,6 +297,41 @@ def _data_dependent(exc: BaseException, model: nn.Module) -> DataDependentError:
 # ---------------------------------------------------------------------------------------------
 
 
+_REGISTRIES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def _torchlib_registry_reused() -> Iterator[None]:
+    """torch.onnx.export(dynamo=True) rebuilds its registry of ~2,000 torchlib translations on every
+    call (0.9 s, most of a small model's export). Build it once per opset and hand each export a copy
+    (the export then adds repconv's custom translation to the copy). Where torch's internals differ
+    from what this expects, the export simply builds its own, as before."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        yield
+        return
+    cls = _registration.ONNXRegistry
+    original = cls.__dict__.get("from_torchlib")
+    if not isinstance(original, classmethod) or not hasattr(cls(), "functions"):
+        yield
+        return
+
+    def from_torchlib(klass: type, opset_version: int = _registration._constants.TORCHLIB_OPSET) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = original.__func__(klass, opset_version)
+        built = _REGISTRIES[opset_version]
+        fresh = copy.copy(built)
+        fresh.functions = {k: list(v) for k, v in built.functions.items()}
+        return fresh
+
+    cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        cls.from_torchlib = original
+
+
 def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[str], out_names: list[str],
             opset: int, dynamic_batch: bool, locate_in: nn.Module) -> onnx.ModelProto:
     table = {torch.ops.repconv.involution.default: involution_translation()}
@@ -308,10 +344,11 @@ def _dynamo(model: nn.Module, inputs: tuple[torch.Tensor, ...], in_names: list[s
         if inputs[0].shape[0] == 1:  # torch.export specializes a size-1 axis to a constant
             inputs = other_batch(inputs)
     try:
-        program = torch.onnx.export(
-            model, inputs, dynamo=True, opset_version=opset, input_names=in_names, output_names=out_names,
-            dynamic_shapes=shapes, custom_translation_table=table, verbose=False, optimize=True,
-        )
+        with _torchlib_registry_reused():
+            program = torch.onnx.export(
+                model, inputs, dynamo=True, opset_version=opset, input_names=in_names, output_names=out_names,
+                dynamic_shapes=shapes, custom_translation_table=table, verbose=False, optimize=True,
+            )
     except Exception as e:
         if is_data_dependent(e):
             raise _data_dependent(e, locate_in) from None
