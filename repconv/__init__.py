@@ -4,7 +4,9 @@ Public API (imported lazily so ``import repconv`` stays cheap):
 
 * :func:`fuse` - collapse every exactly-fusable linear region into single convs / linears.
 * :func:`verify` - compare two models numerically; :class:`VerificationError` on mismatch.
-* :func:`export_onnx` - fuse, export to ONNX (custom ``ai.repconv::Involution`` op), simplify, check in ORT.
+* :func:`fuse_with_report` - :func:`fuse` plus what was fused, what was left and why.
+* :func:`export_onnx` - fuse, export to ONNX (standard ops by default; ``target="onnxruntime"`` keeps the
+  custom ``ai.repconv::Involution`` op), simplify, check in ONNX Runtime on several inputs.
 """
 
 from __future__ import annotations
