@@ -273,7 +273,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "repconv.cli.main", *args]
+    return [sys.executable, "-m", "repconv", *args]
 
 
 def _unprivileged() -> list[str] | None:
@@ -367,7 +367,7 @@ def _wait_for(stream: object, needle: str, timeout: float = 120) -> list[str]:
 def test_sigint_while_importing_torch(tmp_path: Path) -> None:
     # -X importtime prints a line as each module finishes importing: once torch's own submodules
     # appear, torch is being imported and the command has not started.
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "repconv.cli.main", "fuse", F, *SHAPE,
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "repconv", "fuse", F, *SHAPE,
                              "-o", "f.pt"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path, env=_env())
     _wait_for(proc.stderr, "| torch.")

@@ -117,12 +117,12 @@ def test_inspect_changes_nothing(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_real_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "f.pt"
-    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "fuse", FACTORY, "--input-shape", "1,3,16,16",
+    proc = subprocess.run([sys.executable, "-m", "repconv", "fuse", FACTORY, "--input-shape", "1,3,16,16",
                            "-o", str(out)],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
-    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "fuse", "missing.pt"],
+    proc = subprocess.run([sys.executable, "-m", "repconv", "fuse", "missing.pt"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -253,7 +253,7 @@ def test_real_subprocess_dynamic_batch(tmp_path, user_models, exporter):
     # -W default shows DeprecationWarnings too: torch deprecates the TorchScript exporter (and warns
     # about its own pytree internals); none of that may reach the user's terminal
     proc = subprocess.run(
-        [sys.executable, "-W", "default", "-m", "repconv.cli.main", "export", "user_models_export:net", "--onnx",
+        [sys.executable, "-W", "default", "-m", "repconv", "export", "user_models_export:net", "--onnx",
          str(out), "--input-shape", "1,3,16,16", "--dynamic-batch", "--exporter", exporter],
         capture_output=True, text=True, env=env, timeout=180, cwd=str(Path(__file__).resolve().parents[1]),
     )

@@ -199,7 +199,7 @@ def test_compare_cli_usage(runner: CliRunner, tmp_path: Path) -> None:
 def test_quantize_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "demo.int8.onnx"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "repconv.cli.main", "quantize", DEMO, "--input-shape", "1,3,64,64",
+    proc = subprocess.run([sys.executable, "-m", "repconv", "quantize", DEMO, "--input-shape", "1,3,64,64",
                            "--calib-random", "6", "--no-latency", "-o", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

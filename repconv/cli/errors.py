@@ -30,7 +30,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from repconv.cli.entry import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_seen, signal_handlers
+from repconv.cli.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interrupt_seen, signal_handlers
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 __all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "interrupt_seen"]  # re-exported

@@ -5,17 +5,12 @@ and interrupts: :mod:`repconv.cli.errors`; the helpers every command shares: :mo
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m repconv.cli.main: the entry point handles Ctrl-C before any import
-    from repconv.cli.entry import run
+import contextlib
+from typing import Any
 
-    run()
+import click
 
-import contextlib  # noqa: E402
-from typing import Any  # noqa: E402
-
-import click  # noqa: E402
-
-from repconv.cli.errors import RepconvGroup  # noqa: E402
+from repconv.cli.errors import RepconvGroup
 
 # (module, attribute) of each sub-command; a module that is missing is simply not offered.
 _COMMANDS = [
@@ -45,3 +40,7 @@ def _progress() -> contextlib.AbstractContextManager[Any]:
 def main() -> None:
     """Fuse, verify, export and profile re-parameterizable PyTorch models."""
 
+
+
+if __name__ == "__main__":  # `python -m repconv` also installs the signal handlers before torch is imported
+    main(prog_name="repconv")

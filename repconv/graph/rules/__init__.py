@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -26,11 +26,23 @@ from ..semantics import pure_name
 
 if TYPE_CHECKING:
     from ..affine import Affine
-    from ..regions import Analysis
 
 
 class NotAffine(Exception):
     """The op is not linear in its tensor input: its output is an opaque root."""
+
+
+class GraphState(Protocol):
+    """What a rule may read or record of the running analysis (``regions.Analysis`` provides it)."""
+
+    consts: dict[fx.Node, Any]
+    modules: dict[str, nn.Module]
+    values: dict[fx.Node, Affine | None]
+    stacks: dict[fx.Node, tuple[list[Affine], int]]
+
+    def const(self, x: Any) -> Any: ...
+    def static(self, x: Any) -> Any: ...
+    def invalidate(self, target: fx.Node, reason: str) -> None: ...
 
 
 Rule = Callable[["Op"], "Affine | None"]
@@ -88,7 +100,7 @@ _SELF = {"self": "input"}  # aten's name for the first operand
 class Op:
     """One node as a rule sees it: arguments by name, tensor values, constants."""
 
-    def __init__(self, an: Analysis, node: fx.Node, get: Callable[[fx.Node], Affine], params: tuple[str, ...]):
+    def __init__(self, an: GraphState, node: fx.Node, get: Callable[[fx.Node], Affine], params: tuple[str, ...]):
         self.an, self.node, self.get, self.params = an, node, get, params
         args = node.args
         if params and params[-1].startswith("*"):  # x.view(b, c, -1): the rest is one tuple
