@@ -34,6 +34,17 @@ def small_repvgg() -> nn.Module:
     return model.eval()
 
 
+def stem_and_block() -> nn.Module:
+    """A conv and its BN as two children of one Sequential (the fused region spans siblings), then a block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), Branchy(8, 8))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 class _Raises(nn.Module):
     def __init__(self) -> None:
         super().__init__()

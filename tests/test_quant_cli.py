@@ -77,6 +77,19 @@ def test_inspect_quant_on_repconv_model(runner: CliRunner, tmp_path: Path) -> No
     assert data["regions"] and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_inspect_quant_names_layers_as_the_fuse_table(runner: CliRunner, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    res = runner.invoke(main, ["inspect", "tests.cli_models:stem_and_block", "--input-shape", "1,3,16,16", "--quant",
+                               "--calib-random", "4", "--report", str(report)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    # the fuse table calls the conv+BN spanning children 0 and 1 "0+1"; the risk table says where "reparam" came from
+    fuse_rows = [line for line in res.output.splitlines() if "conv+bn" in line]
+    assert len(fuse_rows) == 1 and fuse_rows[0].split("│")[1].strip() == "0+1"
+    layers = [line.split("│")[2].strip() for line in res.output.splitlines() if line.count("│") > 8]
+    assert sorted(layers) == ["3.reparam", "reparam (0+1)"]
+    assert {lay["layer"] for lay in json.loads(report.read_text())["quant"]["layers"]} == {"reparam", "3.reparam"}
+
+
 def test_inspect_quant_needs_quant(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(main, ["inspect", PLAIN, "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 2 and "go with --quant" in res.output and not (tmp_path / "p.png").exists()

@@ -123,7 +123,27 @@ def _outlier_text(lr: Any) -> str:
     return text
 
 
-def print_risk(report: Any, title: str, top: int | None = None) -> None:
+def _layer_text(lr: Any, blocks: dict[str, str]) -> str:
+    """The fused layer's name, with the block name of the fuse table when the layer name does not say it
+    (``reparam (0+1)`` for a conv+BN spanning two children of a Sequential)."""
+    block = blocks.get(lr.name, lr.block)
+    if block and block != lr.name and not lr.name.startswith(f"{block}."):
+        return f"{lr.name} ({block})"
+    return lr.name
+
+
+def block_names(fuse_report: Any) -> dict[str, str]:
+    """Fused module path -> the block name the fuse table gives its region."""
+    from repconv.cli.fuse_cmd import region_names
+
+    if fuse_report is None:
+        return {}
+    regions = fuse_report.regions
+    return {(getattr(r, "module_path", "") or r.target): name for r, name in zip(regions, region_names(regions),
+                                                                                 strict=True)}
+
+
+def print_risk(report: Any, title: str, top: int | None = None, blocks: dict[str, str] | None = None) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("layer", no_wrap=True)
@@ -133,7 +153,7 @@ def print_risk(report: Any, title: str, top: int | None = None) -> None:
     for lr in report.layers[:top]:
         n_out = len(lr.weight_outliers) + len(lr.act_outliers)
         style = "red" if lr.rank == 1 and n_out else None
-        table.add_row(str(lr.rank), escape(lr.name), _db(lr.risk_sqnr_db), _db(lr.sqnr_db),
+        table.add_row(str(lr.rank), escape(_layer_text(lr, blocks or {})), _db(lr.risk_sqnr_db), _db(lr.sqnr_db),
                       f"{_db(lr.weight_sqnr_db)} / {_db(lr.input_sqnr_db)} / {_db(lr.output_sqnr_db)}",
                       f"{lr.weight_ratio:.1f} ({len(lr.weight_outliers)})",
                       f"{lr.act_ratio:.1f} ({len(lr.act_outliers)})", escape(_outlier_text(lr)), style=style)
@@ -162,7 +182,7 @@ def quant_inspect(fused: torch.nn.Module, fuse_report: Any, shape: tuple[int, ..
     except Exception as e:  # the model does not run on this data
         raise UsageFailure(f"cannot run the fused model on the calibration data: {str(e).splitlines()[0][:200]}"
                            ) from None
-    print_risk(risk, f"INT8 quantization risk of {spec} (fused), on {source}")
+    print_risk(risk, f"INT8 quantization risk of {spec} (fused), on {source}", blocks=block_names(fuse_report))
     if plot_path:
         from repconv.profile.plot import PlotUnavailable
         from repconv.quant.plot import plot_risk
