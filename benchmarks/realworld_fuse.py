@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 import warnings
 
@@ -35,7 +36,7 @@ from repconv import fuse_with_report
 from tests.realworld import cases as C
 from tests.realworld import harness as H
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets every column whole
 
 
 def _timed(fn) -> float:  # noqa: ANN001
@@ -98,6 +99,7 @@ def main() -> None:
                 "fp32 self err", "verify", "fuse s", "fuse+verify s", "library s", "fuse / library"):
         table.add_column(col, justify="left" if col == "model" else "right")
     notes = []
+    reached: dict[str, list[bool]] = {}
     for case in C.all_cases():
         if args.only and not any(s in case.id for s in args.only):
             continue
@@ -107,6 +109,7 @@ def main() -> None:
             continue
         j: H.Judgement = row["judgement"]
         t = row["times"]
+        reached.setdefault(case.library, []).append(bool(j.reached))
         if j.anchor_note:
             notes.append(f"{case.id}: {case.anchor_name}: {j.anchor_note}")
         table.add_row(case.id, _s(j.before), _s(j.ours), _s(j.anchor), "yes" if j.reached else "[red]no[/red]",
@@ -117,6 +120,8 @@ def main() -> None:
     console.print(table)
     for n in notes:
         console.print(n)
+    for library, hits in reached.items():
+        console.print(f"{library}: reached the library's structure on {sum(hits)} of {len(hits)}")
 
 
 if __name__ == "__main__":
