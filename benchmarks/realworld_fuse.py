@@ -97,7 +97,7 @@ def main() -> None:
     table = Table(title="repconv vs the library's converter  (modules bn/conv+linear | aten conv/matmul/bn)")
     for col in ("model", "before", "repconv", "library", "reached", "rel err repconv", "rel err library",
                 "fp32 self err", "verify", "fuse s", "fuse+verify s", "library s", "fuse / library"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     notes = []
     reached: dict[str, list[bool]] = {}
     for case in C.all_cases():
