@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,16 @@ def test_inspect_quant_names_layers_as_the_fuse_table(runner: CliRunner, tmp_pat
     layers = [line.split("│")[2].strip() for line in res.output.splitlines() if line.count("│") > 8]
     assert sorted(layers) == ["3.reparam", "reparam (0+1)"]
     assert {lay["layer"] for lay in json.loads(report.read_text())["quant"]["layers"]} == {"reparam", "3.reparam"}
+
+
+def test_quant_tables_fit_80_columns_without_cutting(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(main, ["inspect", DEMO, "--input-shape", "1,3,64,64", "--quant", "--calib-random", "4"],
+                        env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    printed = [line for line in res.output.splitlines() if not line.startswith("WARNING:")]  # stderr: one line
+    assert max(len(line) for line in printed) <= 80 and "…" not in res.output
+    # the risk table's branch column, folded onto more lines, still names whole branches
+    assert re.search(r"<- \S+\.(bn_identity|branch_avg|bn)\b", res.output), res.output
 
 
 def test_inspect_quant_needs_quant(runner: CliRunner, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from repconv.cli.common import (
     console,
     input_shape_or_exit,
     no_clobber_option,
+    print_table,
     say_wrote,
 )
 from repconv.cli.quantize_cmd import _db, batches_or_exit, load_any, load_calibration, warn_random
@@ -140,7 +141,7 @@ def _print_compare(result: Any, reference: str, candidate: str, source: str, per
             s = d.stats
             table.add_row(escape(d.label), escape(d.op), _fmt(s.max_abs), _fmt(s.max_rel), f"{s.cosine:.6f}",
                           _db(s.sqnr_db), style="red" if d.diverged else None)
-        console.print(table)
+        print_table(table)
         if not result.layers:
             console.print("[yellow]no layers matched by name: compared the outputs only[/yellow]")
     o = result.output
@@ -185,7 +186,7 @@ def _sensitivity(ref: Any, spec: str, data: list[np.ndarray], method: str, reduc
         d = lay.drift
         top1 = f"{100 * d.top1_agreement:.1f}%" if d.top1_agreement is not None else "-"
         table.add_row(str(i), escape(lay.label), lay.op, _db(d.sqnr_db), f"{d.cosine:.6f}", _fmt(d.max_rel), top1)
-    console.print(table)
+    print_table(table, keys=2)
     for note in rep.notes:
         console.print(f"[cyan]note:[/cyan] {escape(note)}")
     return rep.to_dict()

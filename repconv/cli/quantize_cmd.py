@@ -26,6 +26,7 @@ from repconv.cli.common import (
     input_shape_or_exit,
     load_model_or_exit,
     no_clobber_option,
+    print_table,
     say_wrote,
 )
 
@@ -157,7 +158,7 @@ def print_risk(report: Any, title: str, top: int | None = None, blocks: dict[str
                       f"{_db(lr.weight_sqnr_db)} / {_db(lr.input_sqnr_db)} / {_db(lr.output_sqnr_db)}",
                       f"{lr.weight_ratio:.1f} ({len(lr.weight_outliers)})",
                       f"{lr.act_ratio:.1f} ({len(lr.act_outliers)})", escape(_outlier_text(lr)), style=style)
-    console.print(table)
+    print_table(table, keys=2)  # rank and layer repeat if the columns must be split
     console.print(f"[dim]output SQNR: the model's output with only that layer in INT8 (per-tensor 8-bit "
                   f"activations, per-channel {'7' if report.reduce_range else '8'}-bit weights as `repconv quantize` "
                   f"makes them here, ranges from {report.samples} calibration samples); "
@@ -309,7 +310,7 @@ def _print_quantized(result: Any, spec: str) -> None:
         table.add_column(col, justify="right")
     top1 = f"{100 * d.top1_agreement:.1f}%" if d.top1_agreement is not None else "n/a (not a classifier)"
     table.add_row(_db(d.sqnr_db), f"{d.cosine:.6f}", f"{d.max_rel:.3g}", f"{d.max_abs:.3g}", top1)
-    console.print(table)
+    print_table(table)
     lat = result.latency
     if lat is not None:
         native = ", native ops" if lat.native_ops else ""
