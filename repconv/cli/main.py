@@ -41,6 +41,5 @@ def main() -> None:
     """Fuse, verify, export and profile re-parameterizable PyTorch models."""
 
 
-
 if __name__ == "__main__":  # `python -m repconv` also installs the signal handlers before torch is imported
     main(prog_name="repconv")
