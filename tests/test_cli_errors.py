@@ -386,14 +386,19 @@ def test_signal_during_work(tmp_path: Path, sig: int, code: int, message: str) -
     proc = subprocess.Popen(_cli("fuse", "tests.cli_models:slow", *SHAPE, "-o", "out/f.pt", "--report", "r.json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
     _wait_for_file_or_output(proc, tmp_path)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    lines = stderr_lines(err)
-    print(f"MATRIX | {signal.Signals(sig).name} while fusing (subprocess) | {proc.returncode} | "
-          f"{lines[-1] if lines else ''}")
+    err, lines = _send(proc, sig, "while fusing")
     assert proc.returncode == code, err
     assert lines == [message]
     assert tree(tmp_path) == []
+
+
+def _send(proc: subprocess.Popen, sig: int, when: str) -> tuple[str, list[str]]:
+    """Send ``sig`` to the running command, wait for it, print its matrix row: (stderr, its lines)."""
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    lines = stderr_lines(err)
+    print(f"MATRIX | {signal.Signals(sig).name} {when} (subprocess) | {proc.returncode} | {lines[-1] if lines else ''}")
+    return err, lines
 
 
 def _wait_for_file_or_output(proc: subprocess.Popen, root: Path, timeout: float = 120) -> None:
@@ -431,11 +436,7 @@ def test_signal_while_saving_leaves_no_temp_file(tmp_path: Path, sig: int, code:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
     staged = _wait_for(proc.stderr, "STAGED")[-1].split(maxsplit=1)[1].strip()
     assert Path(staged).name.startswith(".repconv-") and Path(staged).stat().st_size > 1000  # really mid-save
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    lines = stderr_lines(err)
-    print(f"MATRIX | {signal.Signals(sig).name} while saving (subprocess) | {proc.returncode} | "
-          f"{lines[-1] if lines else ''}")
+    err, lines = _send(proc, sig, "while saving")
     assert proc.returncode == code, err
     assert lines == [message]
     assert tree(tmp_path) == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"the previous result"
